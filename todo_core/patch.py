@@ -1,0 +1,104 @@
+"""The attn1 patch callable: queries untouched, keys and values downsampled on their grid.
+
+ComfyUI calls an attn1 patch as ``patch(q, k, v, extra_options)`` with the
+layer-normed hidden states before the q/k/v projections and expects
+``(q, k, v)`` back; K/V may come back with fewer tokens than Q. The patch holds
+no state between calls: everything it decides comes from its frozen
+configuration and the call's own arguments.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from .config import ToDoConfig
+from .downsample import downsample_tokens
+from .grid import TokenGrid, resolve_grid
+
+logger = logging.getLogger("comfyui_todo")
+
+Tokens = torch.Tensor
+
+
+@functools.cache
+def warn_once(message: str) -> None:
+    """Log a warning the first time a message occurs; attention runs thousands of times a step."""
+    logger.warning(message)
+
+
+class ToDoAttn1Patch:
+    """Downsample self-attention keys/values for the depths and sigma range configured.
+
+    ``sigma_start``/``sigma_end`` are the schedule bounds already converted from
+    percents by the model's sampler (start is the larger sigma). ``None`` means
+    the whole schedule, so the hot path never reads the sigma tensor (which
+    would force a device sync on GPUs).
+    """
+
+    def __init__(self, config: ToDoConfig, sigma_start: float | None = None, sigma_end: float | None = None) -> None:
+        self.config = config
+        self.sigma_range = None if sigma_start is None or sigma_end is None else (float(sigma_end), float(sigma_start))
+
+    def __repr__(self) -> str:
+        return f"ToDoAttn1Patch({self.config}, sigma_range={self.sigma_range})"
+
+    def _in_sigma_range(self, extra_options: Mapping[str, Any]) -> bool:
+        if self.sigma_range is None:
+            return True
+        sigmas = extra_options.get("sigmas")
+        if sigmas is None:
+            return True
+        sigma = float(sigmas.reshape(-1)[0])
+        low, high = self.sigma_range
+        return low <= sigma <= high
+
+    def grid_for(self, q: Tokens, k: Tokens, v: Tokens, extra_options: Mapping[str, Any]) -> TokenGrid | None:
+        """The grid K/V live on, or ``None`` when this call is not spatial self-attention we can reduce."""
+        if k.ndim != 3 or k.shape != v.shape or q.ndim != 3:
+            return None
+        batch, n_tokens, channels = k.shape
+        # Cross-attention (disable_self_attn blocks) brings text context with
+        # another width; a previous patch may re-batch q (tiling) or merge it,
+        # but always from the same B x N tokens K/V came from.
+        if q.shape[-1] != channels or q.shape[0] % batch != 0:
+            return None
+        grid = resolve_grid(n_tokens, extra_options.get("activations_shape"), extra_options.get("original_shape"))
+        if grid is None:
+            warn_once(
+                f"ToDo: {n_tokens} attention tokens in block {extra_options.get('block')} do not form the "
+                f"latent grid (activations {extra_options.get('activations_shape')}, latent "
+                f"{extra_options.get('original_shape')}); those layers are left unchanged."
+            )
+        return grid
+
+    def __call__(
+        self, q: Tokens, k: Tokens, v: Tokens, extra_options: Mapping[str, Any]
+    ) -> tuple[Tokens, Tokens, Tokens]:
+        if not self._in_sigma_range(extra_options):
+            return q, k, v
+        grid = self.grid_for(q, k, v, extra_options)
+        if grid is None:
+            return q, k, v
+        factor = self.config.factor_for(grid)
+        if factor <= 1.0:
+            return q, k, v
+
+        method = self.config.method
+        k_small = downsample_tokens(k, grid.height, grid.width, factor, factor, method)
+        v_small = k_small if v is k else downsample_tokens(v, grid.height, grid.width, factor, factor, method)
+
+        # A previous patch that tiled q into T batches (HyperTile) makes the
+        # attention backend view K/V as T contiguous chunks: keep that possible.
+        tiles = q.shape[0] // k.shape[0]
+        if tiles > 1 and k_small.shape[1] % tiles != 0:
+            warn_once(
+                f"ToDo: queries are tiled into {tiles} parts by another patch and {k_small.shape[1]} reduced "
+                "keys do not split evenly; those layers are left unchanged."
+            )
+            return q, k, v
+        return q, k_small, v_small
