@@ -1,0 +1,193 @@
+"""Finding and driving a real ComfyUI for the integration tests.
+
+ComfyUI is looked for in ``COMFYUI_PATH``, then ``~/comfy/ComfyUI`` (comfy-cli's
+default workspace), then as the ComfyUI this pack sits in (``custom_nodes/``).
+Tests that need it are skipped, with a reason that says how to enable them,
+when none is found or its requirements are not installed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+
+PACK_ROOT = Path(__file__).resolve().parents[1]
+ENABLE_HINT = (
+    "set COMFYUI_PATH to a ComfyUI checkout (v0.8.0 is the tested version), clone one to ~/comfy/ComfyUI, "
+    "or run the tests from inside ComfyUI/custom_nodes/; then pip install -r <ComfyUI>/requirements.txt"
+)
+
+
+def is_comfyui(path: Path) -> bool:
+    return (path / "comfy" / "model_management.py").is_file() and (path / "nodes.py").is_file()
+
+
+def find_comfyui() -> Path | None:
+    candidates = []
+    if os.environ.get("COMFYUI_PATH"):
+        candidates.append(Path(os.environ["COMFYUI_PATH"]).expanduser())
+    candidates.append(Path.home() / "comfy" / "ComfyUI")
+    if PACK_ROOT.parent.name == "custom_nodes":
+        candidates.append(PACK_ROOT.parent.parent)
+    return next((c.resolve() for c in candidates if is_comfyui(c)), None)
+
+
+_import_error: str | None = None
+
+
+def import_comfyui() -> Path:
+    """Put ComfyUI first on sys.path, force the CPU, import its core; skip the test if impossible."""
+    global _import_error
+    root = find_comfyui()
+    if root is None:
+        pytest.skip(f"ComfyUI not found: {ENABLE_HINT}")
+    if _import_error is not None:
+        pytest.skip(_import_error)
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    try:
+        import comfy.cli_args
+
+        if not torch.cuda.is_available():
+            comfy.cli_args.args.cpu = True
+        importlib.import_module("comfy.model_management")
+        importlib.import_module("comfy.model_patcher")
+        importlib.import_module("comfy.sample")
+        importlib.import_module("nodes")
+    except ImportError as error:
+        _import_error = f"ComfyUI at {root} cannot be imported ({error}): {ENABLE_HINT}"
+        pytest.skip(_import_error)
+    return root
+
+
+def load_pack():
+    """Load this pack through ComfyUI's own custom-node loader; return the ToDoModelPatch class."""
+    import nodes
+
+    if "ToDoModelPatch" not in nodes.NODE_CLASS_MAPPINGS:
+        loaded = asyncio.run(nodes.load_custom_node(str(PACK_ROOT), module_parent="custom_nodes"))
+        assert loaded, "ComfyUI's loader refused the pack"
+    return nodes.NODE_CLASS_MAPPINGS["ToDoModelPatch"]
+
+
+# Tiny UNets with the real depth structure of SD1.5 and SDXL, few channels.
+SD15_TINY = {
+    "use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 32,
+    "num_res_blocks": [1, 1, 1, 1], "channel_mult": [1, 2, 4, 4], "transformer_depth": [1, 1, 1, 0],
+    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 0, 0], "transformer_depth_middle": 1,
+    "use_linear_in_transformer": False, "context_dim": 768, "adm_in_channels": None,
+    "use_spatial_transformer": True, "legacy": False, "use_temporal_resblock": False, "use_temporal_attention": False,
+}
+SDXL_TINY = {
+    "use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 32,
+    "num_res_blocks": [1, 1, 1], "channel_mult": [1, 2, 4], "transformer_depth": [0, 1, 1],
+    "transformer_depth_output": [0, 0, 1, 1, 1, 1], "transformer_depth_middle": 1,
+    "use_linear_in_transformer": True, "context_dim": 2048, "adm_in_channels": 2816, "num_classes": "sequential",
+    "num_heads": -1, "num_head_channels": 32,
+    "use_spatial_transformer": True, "legacy": False, "use_temporal_resblock": False, "use_temporal_attention": False,
+}
+
+
+def tiny_model(kind: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
+    """A random-weight SD1.5- or SDXL-shaped UNet in a ModelPatcher, on the CPU."""
+    import comfy.model_base
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    if kind == "sd15":
+        config = comfy.supported_models.SD15({**SD15_TINY, "dtype": dtype, **overrides})
+        model_class = comfy.model_base.BaseModel
+    else:
+        config = comfy.supported_models.SDXL({**SDXL_TINY, "dtype": dtype, **overrides})
+        model_class = comfy.model_base.SDXL
+    config.set_inference_dtype(dtype, None)
+    torch.manual_seed(seed)
+    model = model_class(config, device=torch.device("cpu"))
+    with torch.no_grad():
+        for parameter in model.diffusion_model.parameters():  # zero-initialised out layers would hide everything
+            parameter.normal_(0.0, 0.05)
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+
+@dataclass
+class AttentionCall:
+    block: tuple
+    grid: tuple[int, int]
+    q_tokens: int
+    kv_tokens: int
+
+
+@dataclass
+class Probe:
+    """An attn1 patch chained after the others: records what attention will really see."""
+
+    calls: list[AttentionCall] = field(default_factory=list)
+
+    def __call__(self, q, k, v, extra_options):
+        grid = tuple(extra_options["activations_shape"][-2:])
+        self.calls.append(AttentionCall(extra_options["block"], grid, q.shape[1], k.shape[1]))
+        assert k.shape == v.shape
+        return q, k, v
+
+    def kv_by_grid(self) -> dict[tuple[int, int], set[int]]:
+        out: dict[tuple[int, int], set[int]] = {}
+        for call in self.calls:
+            out.setdefault(call.grid, set()).add(call.kv_tokens)
+        return out
+
+
+def forward(patcher, latent_hw: tuple[int, int], batch: int = 2, sigma: float = 1.0, seed: int = 0,
+            probe: Probe | None = None, dtype=torch.float32) -> torch.Tensor:
+    """One UNet evaluation through ComfyUI's apply_model with the patcher's options."""
+    if probe is not None:
+        patcher = patcher.clone()
+        patcher.set_model_attn1_patch(probe)
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 4, *latent_hw, generator=generator)
+    context_dim = patcher.model.model_config.unet_config["context_dim"]
+    context = torch.randn(batch, 7, context_dim, generator=generator)
+    sigmas = torch.full((batch,), sigma)
+    options = dict(patcher.model_options["transformer_options"])
+    options["sigmas"] = sigmas
+    kwargs = {}
+    if patcher.model.adm_channels:
+        kwargs["y"] = torch.randn(batch, patcher.model.adm_channels, generator=generator)
+    with torch.no_grad():
+        return patcher.model.apply_model(x, sigmas, c_crossattn=context, transformer_options=options, **kwargs)
+
+
+def sample(patcher, latent_hw: tuple[int, int], steps: int = 1, cfg: float = 7.0, seed: int = 0) -> torch.Tensor:
+    """A real ComfyUI sampler run (Euler, CFG) on random conditioning."""
+    import comfy.sample
+
+    generator = torch.Generator().manual_seed(seed)
+    context_dim = patcher.model.model_config.unet_config["context_dim"]
+    extra = {}
+    if patcher.model.adm_channels:
+        extra = {"pooled_output": torch.randn(1, 1280, generator=generator)}
+    positive = [[torch.randn(1, 7, context_dim, generator=generator), dict(extra)]]
+    negative = [[torch.randn(1, 7, context_dim, generator=generator), dict(extra)]]
+    latent = torch.zeros(1, 4, *latent_hw)
+    noise = torch.randn(latent.shape, generator=generator)
+    return comfy.sample.sample(patcher, noise, steps, cfg, "euler", "normal", positive, negative, latent,
+                               disable_pbar=True, seed=seed)
+
+
+def apply_node(node_class, model, **inputs):
+    """Run a V3 node's execute and return its MODEL output."""
+    output = node_class.execute(model, **inputs)
+    return output.result[0] if hasattr(output, "result") else output[0]
+
+
+def run_node(node_id: str, module: str, model, **inputs):
+    node_class = getattr(importlib.import_module(module), node_id)
+    return apply_node(node_class, model, **inputs)
+
