@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 
+from comfy.patcher_extension import WrappersMP
 from comfy_api.latest import ComfyExtension, io
 from typing_extensions import override
 
@@ -21,10 +22,14 @@ from .todo_core import (
     native_resolution_for,
 )
 from .todo_core.config import MAX_FACTOR, MAX_NATIVE_RESOLUTION, MIN_FACTOR
+from .todo_core.patch import run_todo_last
 
 logger = logging.getLogger("comfyui_todo")
 
 DETECT_NATIVE_RESOLUTION = 0
+WRAPPER_KEY = "comfyui_todo"
+TRANSFORMER_OPTIONS_ARG = 5
+"""Position of ``transformer_options`` in UNetModel's diffusion-model wrapper call."""
 
 
 def detect_native_resolution(model) -> int:
@@ -177,7 +182,19 @@ class ToDoModelPatch(io.ComfyNode):
             sigma_end = model_sampling.percent_to_sigma(config.end_percent)
         if not config.is_identity:
             patched.set_model_attn1_patch(ToDoAttn1Patch(config, sigma_start, sigma_end))
+            if not patched.get_wrappers(WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY):
+                patched.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, run_todo_last_wrapper)
         return io.NodeOutput(patched)
+
+
+def run_todo_last_wrapper(executor, *args, **kwargs):
+    """Keyed diffusion-model wrapper: ToDo's attn1 patch runs after any attn1 patch added later in the graph."""
+    if "transformer_options" in kwargs:
+        kwargs["transformer_options"] = run_todo_last(kwargs["transformer_options"])
+    elif len(args) > TRANSFORMER_OPTIONS_ARG:
+        args = list(args)
+        args[TRANSFORMER_OPTIONS_ARG] = run_todo_last(args[TRANSFORMER_OPTIONS_ARG])
+    return executor(*args, **kwargs)
 
 
 assert CONFIGURABLE_DEPTHS == 3, "the node offers one factor input per configurable depth"

@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
+TEXT_TOKENS = 7
+"""Length of the random text context: the K/V count of cross-attention calls."""
 PACK_ROOT = Path(__file__).resolve().parents[1]
 ENABLE_HINT = (
     "set COMFYUI_PATH to a ComfyUI checkout (v0.8.0 is the tested version), clone one to ~/comfy/ComfyUI, "
@@ -79,19 +81,45 @@ def load_pack():
 
 # Tiny UNets with the real depth structure of SD1.5 and SDXL, few channels.
 SD15_TINY = {
-    "use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 32,
-    "num_res_blocks": [1, 1, 1, 1], "channel_mult": [1, 2, 4, 4], "transformer_depth": [1, 1, 1, 0],
-    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 0, 0], "transformer_depth_middle": 1,
-    "use_linear_in_transformer": False, "context_dim": 768, "adm_in_channels": None,
-    "use_spatial_transformer": True, "legacy": False, "use_temporal_resblock": False, "use_temporal_attention": False,
+    "use_checkpoint": False,
+    "image_size": 32,
+    "in_channels": 4,
+    "out_channels": 4,
+    "model_channels": 32,
+    "num_res_blocks": [1, 1, 1, 1],
+    "channel_mult": [1, 2, 4, 4],
+    "transformer_depth": [1, 1, 1, 0],
+    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 0, 0],
+    "transformer_depth_middle": 1,
+    "use_linear_in_transformer": False,
+    "context_dim": 768,
+    "adm_in_channels": None,
+    "use_spatial_transformer": True,
+    "legacy": False,
+    "use_temporal_resblock": False,
+    "use_temporal_attention": False,
 }
 SDXL_TINY = {
-    "use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 32,
-    "num_res_blocks": [1, 1, 1], "channel_mult": [1, 2, 4], "transformer_depth": [0, 1, 1],
-    "transformer_depth_output": [0, 0, 1, 1, 1, 1], "transformer_depth_middle": 1,
-    "use_linear_in_transformer": True, "context_dim": 2048, "adm_in_channels": 2816, "num_classes": "sequential",
-    "num_heads": -1, "num_head_channels": 32,
-    "use_spatial_transformer": True, "legacy": False, "use_temporal_resblock": False, "use_temporal_attention": False,
+    "use_checkpoint": False,
+    "image_size": 32,
+    "in_channels": 4,
+    "out_channels": 4,
+    "model_channels": 32,
+    "num_res_blocks": [1, 1, 1],
+    "channel_mult": [1, 2, 4],
+    "transformer_depth": [0, 1, 1],
+    "transformer_depth_output": [0, 0, 1, 1, 1, 1],
+    "transformer_depth_middle": 1,
+    "use_linear_in_transformer": True,
+    "context_dim": 2048,
+    "adm_in_channels": 2816,
+    "num_classes": "sequential",
+    "num_heads": -1,
+    "num_head_channels": 32,
+    "use_spatial_transformer": True,
+    "legacy": False,
+    "use_temporal_resblock": False,
+    "use_temporal_attention": False,
 }
 
 
@@ -127,36 +155,48 @@ class AttentionCall:
 
 @dataclass
 class Probe:
-    """An attn1 patch chained after the others: records what attention will really see."""
+    """ComfyUI's attention override, used as a probe: records what the attention backend really computes.
+
+    It sees the projected q/k/v after every attn1 patch ran (in whatever order),
+    so it measures the K/V tokens that cost time, not what some patch intended.
+    Self- and cross-attention calls are both recorded; cross-attention has the
+    text context's token count as ``kv_tokens``.
+    """
 
     calls: list[AttentionCall] = field(default_factory=list)
 
-    def __call__(self, q, k, v, extra_options):
-        grid = tuple(extra_options["activations_shape"][-2:])
-        self.calls.append(AttentionCall(extra_options["block"], grid, q.shape[1], k.shape[1]))
+    def __call__(self, attention, q, k, v, *args, **kwargs):
+        options = kwargs.get("transformer_options") or {}
+        grid = tuple(options.get("activations_shape", (0, 0))[-2:])
+        self.calls.append(AttentionCall(options.get("block"), grid, q.shape[1], k.shape[1]))
         assert k.shape == v.shape
-        return q, k, v
+        return attention(q, k, v, *args, **kwargs)
+
+    def self_attention(self, text_tokens: int = TEXT_TOKENS) -> list[AttentionCall]:
+        return [c for c in self.calls if c.kv_tokens != text_tokens]
 
     def kv_by_grid(self) -> dict[tuple[int, int], set[int]]:
+        """K/V token counts of self-attention, per activation grid."""
         out: dict[tuple[int, int], set[int]] = {}
-        for call in self.calls:
+        for call in self.self_attention():
             out.setdefault(call.grid, set()).add(call.kv_tokens)
         return out
 
 
-def forward(patcher, latent_hw: tuple[int, int], batch: int = 2, sigma: float = 1.0, seed: int = 0,
-            probe: Probe | None = None, dtype=torch.float32) -> torch.Tensor:
-    """One UNet evaluation through ComfyUI's apply_model with the patcher's options."""
-    if probe is not None:
-        patcher = patcher.clone()
-        patcher.set_model_attn1_patch(probe)
+def forward(
+    patcher, latent_hw: tuple[int, int], batch: int = 2, sigma: float = 1.0, seed: int = 0, probe: Probe | None = None
+) -> torch.Tensor:
+    """One UNet evaluation through ComfyUI's apply_model with the patcher's options and wrappers."""
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, 4, *latent_hw, generator=generator)
     context_dim = patcher.model.model_config.unet_config["context_dim"]
-    context = torch.randn(batch, 7, context_dim, generator=generator)
+    context = torch.randn(batch, TEXT_TOKENS, context_dim, generator=generator)
     sigmas = torch.full((batch,), sigma)
     options = dict(patcher.model_options["transformer_options"])
     options["sigmas"] = sigmas
+    options["wrappers"] = patcher.wrappers  # as the sampler's prepare_model_patcher hands them over
+    if probe is not None:
+        options["optimized_attention_override"] = probe
     kwargs = {}
     if patcher.model.adm_channels:
         kwargs["y"] = torch.randn(batch, patcher.model.adm_channels, generator=generator)
@@ -177,8 +217,9 @@ def sample(patcher, latent_hw: tuple[int, int], steps: int = 1, cfg: float = 7.0
     negative = [[torch.randn(1, 7, context_dim, generator=generator), dict(extra)]]
     latent = torch.zeros(1, 4, *latent_hw)
     noise = torch.randn(latent.shape, generator=generator)
-    return comfy.sample.sample(patcher, noise, steps, cfg, "euler", "normal", positive, negative, latent,
-                               disable_pbar=True, seed=seed)
+    return comfy.sample.sample(
+        patcher, noise, steps, cfg, "euler", "normal", positive, negative, latent, disable_pbar=True, seed=seed
+    )
 
 
 def apply_node(node_class, model, **inputs):
@@ -190,4 +231,3 @@ def apply_node(node_class, model, **inputs):
 def run_node(node_id: str, module: str, model, **inputs):
     node_class = getattr(importlib.import_module(module), node_id)
     return apply_node(node_class, model, **inputs)
-

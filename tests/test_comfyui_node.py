@@ -6,27 +6,9 @@ import sys
 
 import pytest
 import torch
-from comfy_support import Probe, apply_node, forward, import_comfyui, load_pack, run_node, sample, tiny_model
+from comfy_support import Probe, apply_node, forward, sample, tiny_model
 
 pytestmark = pytest.mark.comfyui
-
-
-@pytest.fixture(scope="module")
-def node():
-    import_comfyui()
-    return load_pack()
-
-
-@pytest.fixture(scope="module")
-def sd15():
-    import_comfyui()
-    return tiny_model("sd15")
-
-
-@pytest.fixture(scope="module")
-def sdxl():
-    import_comfyui()
-    return tiny_model("sdxl")
 
 
 MANUAL_OFF = {"mode": "manual", "depth_1_factor": 1.0, "depth_2_factor": 1.0, "depth_3_factor": 1.0}
@@ -44,8 +26,15 @@ def test_loads_through_comfyui_loader_with_its_inputs(node):
     assert info["description"]
     required = info["input"]["required"]
     assert list(required) == [
-        "model", "mode", "depth_1_factor", "depth_2_factor", "depth_3_factor",
-        "method", "start_percent", "end_percent", "native_resolution",
+        "model",
+        "mode",
+        "depth_1_factor",
+        "depth_2_factor",
+        "depth_3_factor",
+        "method",
+        "start_percent",
+        "end_percent",
+        "native_resolution",
     ]
     for name, (_, options) in required.items():
         assert options.get("tooltip"), f"input {name} has no tooltip"
@@ -54,12 +43,15 @@ def test_loads_through_comfyui_loader_with_its_inputs(node):
     assert required["method"][1]["options"][0] == "nearest"
 
 
-@pytest.mark.parametrize(("inputs", "message"), [
-    ({"depth_1_factor": 0.5}, "depth_1_factor must be between 1 and 8"),
-    ({"method": "nearest-ish"}, "method must be one of"),
-    ({"start_percent": 0.8, "end_percent": 0.2}, "must not be greater than end_percent"),
-    ({"native_resolution": 16}, "native_resolution must be between 64 and 8192"),
-])
+@pytest.mark.parametrize(
+    ("inputs", "message"),
+    [
+        ({"depth_1_factor": 0.5}, "depth_1_factor must be between 1 and 8"),
+        ({"method": "nearest-ish"}, "method must be one of"),
+        ({"start_percent": 0.8, "end_percent": 0.2}, "must not be greater than end_percent"),
+        ({"native_resolution": 16}, "native_resolution must be between 64 and 8192"),
+    ],
+)
 def test_validation_rejects_bad_input_before_the_graph_runs(node, inputs, message):
     result = node.validate_inputs(**inputs)
     assert isinstance(result, str) and message in result
@@ -126,7 +118,10 @@ def test_1920x1080_every_depth_odd_somewhere(node, sd15):
     out = forward(patched, (135, 240), batch=1, probe=probe)
     assert out.shape == (1, 4, 135, 240) and torch.isfinite(out).all()
     assert probe.kv_by_grid() == {
-        (135, 240): {34 * 60}, (68, 120): {34 * 60}, (34, 60): {12 * 20}, (17, 30): {17 * 30},
+        (135, 240): {34 * 60},
+        (68, 120): {34 * 60},
+        (34, 60): {12 * 20},
+        (17, 30): {17 * 30},
     }
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from todo_core import DownsampleMethod, ToDoAttn1Patch, ToDoConfig, downsample_tokens
-from todo_core.patch import warn_once
+from todo_core.patch import run_todo_last, warn_once
 
 
 def options(height: int, width: int, depth_scale: int = 1, sigma: float | None = None) -> dict:
@@ -134,3 +134,26 @@ def test_patch_holds_no_state_between_calls():
     again = patch(small, small, small, options(8, 8))[1]
     torch.testing.assert_close(first, again)
     assert vars(patch) == state_before
+
+
+def test_run_todo_last_moves_every_todo_patch_to_the_end_without_mutation():
+    def other(q, k, v, extra_options):
+        return q, k, v
+
+    todo_a, todo_b = ToDoAttn1Patch(MANUAL_2), ToDoAttn1Patch(MANUAL_2)
+    chain = [todo_a, other, todo_b, other]
+    options = {"patches": {"attn1_patch": chain, "attn2_patch": [other]}, "sigmas": 1}
+    reordered = run_todo_last(options)
+    assert reordered["patches"]["attn1_patch"] == [other, other, todo_a, todo_b]
+    assert reordered["patches"]["attn2_patch"] == [other] and reordered["sigmas"] == 1
+    assert options["patches"]["attn1_patch"] is chain and chain == [todo_a, other, todo_b, other]
+
+
+def test_run_todo_last_returns_the_same_dict_when_nothing_moves():
+    def other(q, k, v, extra_options):
+        return q, k, v
+
+    for chain in ([other, ToDoAttn1Patch(MANUAL_2)], [other], []):
+        options = {"patches": {"attn1_patch": chain}}
+        assert run_todo_last(options) is options
+    assert run_todo_last({}) == {}

@@ -102,3 +102,23 @@ class ToDoAttn1Patch:
             )
             return q, k, v
         return q, k_small, v_small
+
+
+def run_todo_last(transformer_options: dict[str, Any]) -> dict[str, Any]:
+    """``transformer_options`` with every ToDo patch moved to the end of the attn1 patch chain.
+
+    Patches registered after ToDo may re-batch the queries (HyperTile tiles
+    them); the attention backend then splits K/V into as many chunks, which
+    fails when the reduced token count does not divide. Running last, ToDo
+    sees the final query layout and can keep K/V splittable or step aside.
+    ToDo patches are found by type: ComfyUI deep-copies patches on every model
+    clone. The input dict is not modified: a shallow copy is returned when the
+    order changes, the same dict otherwise.
+    """
+    patches = transformer_options.get("patches") or {}
+    chain = patches.get("attn1_patch") or []
+    ours = [p for p in chain if isinstance(p, ToDoAttn1Patch)]
+    if not ours or chain[-len(ours) :] == ours:
+        return transformer_options
+    reordered = [p for p in chain if not isinstance(p, ToDoAttn1Patch)] + ours
+    return {**transformer_options, "patches": {**patches, "attn1_patch": reordered}}
