@@ -164,12 +164,16 @@ class Probe:
     """
 
     calls: list[AttentionCall] = field(default_factory=list)
+    compute: bool = True
+    """False skips the attention itself (zeros out): token counting at sizes too big to compute on a CPU."""
 
     def __call__(self, attention, q, k, v, *args, **kwargs):
         options = kwargs.get("transformer_options") or {}
         grid = tuple(options.get("activations_shape", (0, 0))[-2:])
         self.calls.append(AttentionCall(options.get("block"), grid, q.shape[1], k.shape[1]))
         assert k.shape == v.shape
+        if not self.compute:
+            return torch.zeros_like(q)
         return attention(q, k, v, *args, **kwargs)
 
     def self_attention(self, text_tokens: int = TEXT_TOKENS) -> list[AttentionCall]:

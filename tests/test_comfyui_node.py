@@ -11,6 +11,10 @@ from comfy_support import Probe, apply_node, forward, sample, tiny_model
 pytestmark = pytest.mark.comfyui
 
 
+def node_module(node):
+    return sys.modules[node.__module__]
+
+
 MANUAL_OFF = {"mode": "manual", "depth_1_factor": 1.0, "depth_2_factor": 1.0, "depth_3_factor": 1.0}
 
 
@@ -149,6 +153,24 @@ def test_sdxl_defaults_act_at_high_resolution(node, sdxl):
     assert (k2.shape[1], k3.shape[1]) == (64 * 64, 32 * 32)
 
 
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+@pytest.mark.parametrize("size", [(1024, 1024), (1536, 1536), (2048, 2048), (1920, 1080)])
+def test_default_node_kv_counts_match_the_demo(node, kind, size, request):
+    """The demo's table (run on the patch alone) is what ComfyUI's attention really gets with the default node."""
+    from todo_core.architectures import LAYOUTS
+    from todo_core.demo import measure
+
+    model = request.getfixturevalue(kind)
+    width, height = size
+    probe = Probe(compute=False)
+    forward(apply_node(node, model), (height // 8, width // 8), batch=1, probe=probe)
+    todo_patch = node_module(node).ToDoAttn1Patch(
+        node_module(node).ToDoConfig.create(native_resolution=LAYOUTS[kind].native_resolution)
+    )
+    expected = {(r["grid_h"], r["grid_w"]): {r["kv_tokens"]} for r in measure(LAYOUTS[kind], width, height, todo_patch)}
+    assert probe.kv_by_grid() == expected
+
+
 @pytest.mark.parametrize("batch", [1, 2, 3])
 def test_any_batch_size(node, sd15, batch):
     probe = Probe()
@@ -173,3 +195,36 @@ def test_cond_and_uncond_in_one_sampler_run(node, sd15):
     out = sample(patched, (27, 41), steps=2)
     assert out.shape == unpatched.shape and torch.isfinite(out).all()
     assert not torch.equal(out, unpatched)
+
+
+def test_cond_and_uncond_batched_or_separate_give_the_same_result(node, sd15):
+    patched = apply_node(node, sd15, mode="manual", depth_1_factor=2.0, depth_2_factor=2.0)
+    together = forward(patched, (27, 41), batch=2, seed=3)
+    # The same two samples, one at a time (what ComfyUI does when memory is short).
+    import comfy_support
+
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 4, 27, 41, generator=generator)
+    context = torch.randn(2, comfy_support.TEXT_TOKENS, 768, generator=generator)
+    sigmas = torch.ones(2)
+    options = dict(patched.model_options["transformer_options"], sigmas=sigmas[:1], wrappers=patched.wrappers)
+    with torch.no_grad():
+        one_by_one = torch.cat(
+            [
+                patched.model.apply_model(
+                    x[i : i + 1], sigmas[:1], c_crossattn=context[i : i + 1], transformer_options=dict(options)
+                )
+                for i in range(2)
+            ]
+        )
+    torch.testing.assert_close(together, one_by_one, rtol=1e-4, atol=1e-5)
+
+
+def test_sigma_range_from_the_models_schedule(node, sd15):
+    patched = apply_node(node, sd15, mode="manual", depth_1_factor=2.0, start_percent=0.0, end_percent=0.5)
+    sampling = sd15.get_model_object("model_sampling")
+    early, late = sampling.percent_to_sigma(0.1), sampling.percent_to_sigma(0.9)
+    for sigma, expected in ((early, 16 * 16), (late, 32 * 32)):
+        probe = Probe()
+        forward(patched, (32, 32), batch=1, sigma=sigma, probe=probe)
+        assert probe.kv_by_grid()[(32, 32)] == {expected}
