@@ -68,6 +68,12 @@ def _factor_input(depth: int, default: float) -> io.Float.Input:
     )
 
 
+def _percent_input(name: str, default: float, where: str) -> io.Float.Input:
+    return io.Float.Input(
+        name, default=default, min=0.0, max=1.0, step=0.001, tooltip=f"{where} where downsampling applies."
+    )
+
+
 class ToDoModelPatch(io.ComfyNode):
     """Token downsampling: every query token kept, self-attention keys/values spatially downsampled."""
 
@@ -103,22 +109,8 @@ class ToDoModelPatch(io.ComfyNode):
                     default=DownsampleMethod.NEAREST.value,
                     tooltip="How keys/values are reduced. nearest keeps real tokens and is the most faithful.",
                 ),
-                io.Float.Input(
-                    "start_percent",
-                    default=0.0,
-                    min=0.0,
-                    max=1.0,
-                    step=0.001,
-                    tooltip="Start of the sampling schedule (0 = first step) where downsampling applies.",
-                ),
-                io.Float.Input(
-                    "end_percent",
-                    default=1.0,
-                    min=0.0,
-                    max=1.0,
-                    step=0.001,
-                    tooltip="End of the sampling schedule (1 = last step) where downsampling applies.",
-                ),
+                _percent_input("start_percent", 0.0, "Start of the sampling schedule (0 = first step)"),
+                _percent_input("end_percent", 1.0, "End of the sampling schedule (1 = last step)"),
                 io.Int.Input(
                     "native_resolution",
                     default=DETECT_NATIVE_RESOLUTION,

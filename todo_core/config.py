@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 from enum import Enum
 
+from .choices import ConfigError, parse_choice
 from .downsample import DownsampleMethod, output_side, output_tokens
 from .grid import TokenGrid, ceil_side
 
@@ -24,10 +25,6 @@ LATENT_SCALE = 8
 """Pixels per latent cell for every SD-family VAE."""
 
 
-class ConfigError(ValueError):
-    """A node input outside its allowed range; the message names the input."""
-
-
 class FactorMode(str, Enum):
     """How per-depth factors are chosen."""
 
@@ -38,13 +35,7 @@ class FactorMode(str, Enum):
 
     @classmethod
     def parse(cls, name: str | FactorMode) -> FactorMode:
-        if isinstance(name, cls):
-            return name
-        try:
-            return cls(name)
-        except ValueError:
-            allowed = ", ".join(m.value for m in cls)
-            raise ConfigError(f"mode must be one of: {allowed}; got {name!r}") from None
+        return parse_choice(cls, "mode", name)
 
 
 def native_resolution_for(context_dim: int | None, adm_in_channels: int | None, v_prediction: bool) -> int:
@@ -127,11 +118,7 @@ class ToDoConfig:
         native = _check_range("native_resolution", native_resolution, MIN_NATIVE_RESOLUTION, MAX_NATIVE_RESOLUTION)
         if native != int(native):
             raise ConfigError(f"native_resolution must be a whole number of pixels; got {native:g}")
-        try:
-            parsed_method = DownsampleMethod.parse(method)
-        except ValueError as error:
-            raise ConfigError(str(error)) from None
-        return cls(FactorMode.parse(mode), factors, parsed_method, start, end, int(native))
+        return cls(FactorMode.parse(mode), factors, DownsampleMethod.parse(method), start, end, int(native))
 
     @property
     def native_latent_side(self) -> int:

@@ -15,6 +15,8 @@ from enum import Enum
 import torch
 import torch.nn.functional as F
 
+from .choices import parse_choice
+
 _INTEGER_TOLERANCE = 1e-6
 
 
@@ -31,14 +33,7 @@ class DownsampleMethod(str, Enum):
 
     @classmethod
     def parse(cls, name: str | DownsampleMethod) -> DownsampleMethod:
-        """Exact-name lookup with an error listing the valid names (no substring matching)."""
-        if isinstance(name, cls):
-            return name
-        try:
-            return cls(name)
-        except ValueError:
-            allowed = ", ".join(m.value for m in cls)
-            raise ValueError(f"method must be one of: {allowed}; got {name!r}") from None
+        return parse_choice(cls, "method", name)
 
 
 def output_side(side: int, factor: float) -> int:
