@@ -138,26 +138,18 @@ def test_dit_model_gets_one_clear_warning_and_no_crash(node, caplog):
     import comfy.model_patcher
     import comfy.supported_models
 
-    config = comfy.supported_models.Flux(
-        {
-            "image_model": "flux",
-            "guidance_embed": True,
-            "in_channels": 16,
-            "out_channels": 16,
-            "vec_in_dim": 32,
-            "context_in_dim": 32,
-            "hidden_size": 64,
-            "mlp_ratio": 2.0,
-            "num_heads": 2,
-            "depth": 1,
-            "depth_single_blocks": 1,
-            "axes_dim": [8, 12, 12],
-            "theta": 10000,
-            "patch_size": 2,
-            "qkv_bias": True,
-            "txt_ids_dims": [],
-        }
-    )
+    import dataclasses
+
+    from comfy.ldm.flux.model import FluxParams
+
+    flux_config = {
+        "image_model": "flux", "guidance_embed": True, "in_channels": 16, "out_channels": 16, "vec_in_dim": 32,
+        "context_in_dim": 32, "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2, "depth": 1,
+        "depth_single_blocks": 1, "axes_dim": [8, 12, 12], "theta": 10000, "patch_size": 2, "qkv_bias": True,
+    }  # fmt: skip
+    if "txt_ids_dims" in {f.name for f in dataclasses.fields(FluxParams)}:  # newer ComfyUI
+        flux_config["txt_ids_dims"] = []
+    config = comfy.supported_models.Flux(flux_config)
     config.set_inference_dtype(torch.float32, None)
     cpu = torch.device("cpu")
     flux = comfy.model_patcher.ModelPatcher(
