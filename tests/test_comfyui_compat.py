@@ -134,12 +134,11 @@ def test_temporal_blocks_pass_through(node):
 
 
 def test_dit_model_gets_one_clear_warning_and_no_crash(node, caplog):
+    import dataclasses
+
     import comfy.model_base
     import comfy.model_patcher
     import comfy.supported_models
-
-    import dataclasses
-
     from comfy.ldm.flux.model import FluxParams
 
     flux_config = {
