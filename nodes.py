@@ -13,7 +13,6 @@ from comfy_api.latest import ComfyExtension, io
 from typing_extensions import override
 
 from .todo_core import (
-    CONFIGURABLE_DEPTHS,
     ConfigError,
     DownsampleMethod,
     FactorMode,
@@ -21,7 +20,13 @@ from .todo_core import (
     ToDoConfig,
     native_resolution_for,
 )
-from .todo_core.config import MAX_FACTOR, MAX_NATIVE_RESOLUTION, MIN_FACTOR
+from .todo_core.config import (
+    DEFAULT_MANUAL_FACTORS,
+    DEFAULT_NATIVE_RESOLUTION,
+    MAX_FACTOR,
+    MAX_NATIVE_RESOLUTION,
+    MIN_FACTOR,
+)
 from .todo_core.patch import run_todo_last
 
 logger = logging.getLogger("comfyui_todo")
@@ -100,9 +105,7 @@ class ToDoModelPatch(io.ComfyNode):
                         "hires-fix pass). manual: use the depth factors below."
                     ),
                 ),
-                _factor_input(1, 2.0),
-                _factor_input(2, 1.0),
-                _factor_input(3, 1.0),
+                *(_factor_input(depth, default) for depth, default in enumerate(DEFAULT_MANUAL_FACTORS, start=1)),
                 io.Combo.Input(
                     "method",
                     options=[m.value for m in DownsampleMethod],
@@ -138,23 +141,11 @@ class ToDoModelPatch(io.ComfyNode):
         return True
 
     @classmethod
-    def build_config(
-        cls,
-        model,
-        mode: str = FactorMode.AUTO.value,
-        depth_1_factor: float = 2.0,
-        depth_2_factor: float = 1.0,
-        depth_3_factor: float = 1.0,
-        method: str = DownsampleMethod.NEAREST.value,
-        start_percent: float = 0.0,
-        end_percent: float = 1.0,
-        native_resolution: int = DETECT_NATIVE_RESOLUTION,
-    ) -> ToDoConfig:
+    def build_config(cls, model, native_resolution: int = DETECT_NATIVE_RESOLUTION, **inputs) -> ToDoConfig:
+        """Node inputs -> validated config; ``model`` only serves to detect the native resolution."""
         if native_resolution == DETECT_NATIVE_RESOLUTION:
-            native_resolution = detect_native_resolution(model) if model is not None else 512
-        return ToDoConfig.create(
-            mode, depth_1_factor, depth_2_factor, depth_3_factor, method, start_percent, end_percent, native_resolution
-        )
+            native_resolution = detect_native_resolution(model) if model is not None else DEFAULT_NATIVE_RESOLUTION
+        return ToDoConfig.create(native_resolution=native_resolution, **inputs)
 
     @classmethod
     def execute(cls, model, **inputs) -> io.NodeOutput:
@@ -187,9 +178,6 @@ def run_todo_last_wrapper(executor, *args, **kwargs):
         args = list(args)
         args[TRANSFORMER_OPTIONS_ARG] = run_todo_last(args[TRANSFORMER_OPTIONS_ARG])
     return executor(*args, **kwargs)
-
-
-assert CONFIGURABLE_DEPTHS == 3, "the node offers one factor input per configurable depth"
 
 
 class ToDoExtension(ComfyExtension):

@@ -21,6 +21,9 @@ CONFIGURABLE_DEPTHS = 3
 
 MIN_FACTOR, MAX_FACTOR = 1.0, 8.0
 MIN_NATIVE_RESOLUTION, MAX_NATIVE_RESOLUTION = 64, 8192
+DEFAULT_MANUAL_FACTORS = (2.0, 1.0, 1.0)
+"""Manual mode's factors for depths 1-3: halve the side where attention is most expensive."""
+DEFAULT_NATIVE_RESOLUTION = 512
 LATENT_SCALE = 8
 """Pixels per latent cell for every SD-family VAE."""
 
@@ -98,13 +101,13 @@ class ToDoConfig:
     def create(
         cls,
         mode: str | FactorMode = FactorMode.AUTO,
-        depth_1_factor: float = 2.0,
-        depth_2_factor: float = 1.0,
-        depth_3_factor: float = 1.0,
+        depth_1_factor: float = DEFAULT_MANUAL_FACTORS[0],
+        depth_2_factor: float = DEFAULT_MANUAL_FACTORS[1],
+        depth_3_factor: float = DEFAULT_MANUAL_FACTORS[2],
         method: str | DownsampleMethod = DownsampleMethod.NEAREST,
         start_percent: float = 0.0,
         end_percent: float = 1.0,
-        native_resolution: int = 512,
+        native_resolution: int = DEFAULT_NATIVE_RESOLUTION,
     ) -> ToDoConfig:
         """Validate raw node inputs; every error names the input and its allowed range."""
         factors = tuple(

@@ -9,6 +9,7 @@ channels-last view for avg/max), so the only copy made is the small output.
 
 from __future__ import annotations
 
+import functools
 import math
 from enum import Enum
 
@@ -58,8 +59,13 @@ def _as_integer(factor: float) -> int | None:
     return None
 
 
+@functools.lru_cache(maxsize=256)
 def nearest_indices(side: int, factor: float, device: torch.device) -> torch.Tensor:
-    """Source rows of nearest sampling: ``floor(i * factor)`` for each output row ``i``."""
+    """Source rows of nearest sampling: ``floor(i * factor)`` for each output row ``i``.
+
+    Memoised (the same few grids recur in every step) so that a GPU render does
+    not copy index tensors to the device on every attention call; never mutated.
+    """
     count = output_side(side, factor)
     positions = torch.arange(count, dtype=torch.float64) * factor
     indices = torch.floor(positions + _INTEGER_TOLERANCE).long().clamp_(max=side - 1)
