@@ -1,0 +1,73 @@
+"""The example workflows are well-formed and pass ComfyUI's own prompt validation with the ToDo node in them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+from workflow_api import to_api_prompt
+
+WORKFLOWS = sorted((Path(__file__).resolve().parents[1] / "workflows").glob("*.json"))
+
+
+def test_there_are_example_workflows():
+    assert len(WORKFLOWS) >= 3
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
+def test_links_are_consistent(path):
+    workflow = json.loads(path.read_text())
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    for link_id, source, source_slot, target, target_slot, link_type in workflow["links"]:
+        assert link_id in nodes[source]["outputs"][source_slot]["links"]
+        assert nodes[target]["inputs"][target_slot]["link"] == link_id
+        assert (
+            nodes[source]["outputs"][source_slot]["type"] == nodes[target]["inputs"][target_slot]["type"] == link_type
+        )
+    assert any(n["type"] == "ToDoModelPatch" for n in workflow["nodes"])
+    assert workflow["last_node_id"] == max(nodes) and workflow["last_link_id"] == len(workflow["links"])
+
+
+def api_prompt(path: Path) -> dict:
+    import nodes
+
+    return to_api_prompt(json.loads(path.read_text()), nodes.NODE_CLASS_MAPPINGS)
+
+
+@pytest.fixture(scope="module")
+def checkpoint_stand_ins(node, tmp_path_factory):
+    """Empty files named like the workflows' checkpoints: validation checks names, it never loads them."""
+    import folder_paths
+
+    folder = tmp_path_factory.mktemp("checkpoints")
+    for path in WORKFLOWS:
+        for entry in api_prompt(path).values():
+            if entry["class_type"] == "CheckpointLoaderSimple":
+                (folder / entry["inputs"]["ckpt_name"]).touch()
+    folder_paths.add_model_folder_path("checkpoints", str(folder))
+
+
+def validate(prompt: dict):
+    import execution
+
+    return asyncio.run(execution.validate_prompt("test", prompt, None))
+
+
+@pytest.mark.comfyui
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
+def test_comfyui_validates_the_workflow(checkpoint_stand_ins, path):
+    valid, error, outputs, node_errors = validate(api_prompt(path))
+    assert valid, (error, node_errors)
+    assert outputs
+
+
+@pytest.mark.comfyui
+def test_comfyui_validation_rejects_a_bad_todo_value(checkpoint_stand_ins):
+    prompt = api_prompt(WORKFLOWS[0])
+    todo = next(entry for entry in prompt.values() if entry["class_type"] == "ToDoModelPatch")
+    todo["inputs"]["depth_1_factor"] = 20.0
+    valid, _, _, node_errors = validate(prompt)
+    assert not valid
+    assert "depth_1_factor must be between 1 and 8" in json.dumps(node_errors)
