@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,27 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from todo_core.bench.comfyui_path import ENABLE_HINT, PACK_ROOT, find_comfyui
+
 TEXT_TOKENS = 7
 """Length of the random text context: the K/V count of cross-attention calls."""
-PACK_ROOT = Path(__file__).resolve().parents[1]
-ENABLE_HINT = (
-    "set COMFYUI_PATH to a ComfyUI checkout (v0.8.0 is the tested version), clone one to ~/comfy/ComfyUI, "
-    "or run the tests from inside ComfyUI/custom_nodes/; then pip install -r <ComfyUI>/requirements.txt"
-)
-
-
-def is_comfyui(path: Path) -> bool:
-    return (path / "comfy" / "model_management.py").is_file() and (path / "nodes.py").is_file()
-
-
-def find_comfyui() -> Path | None:
-    candidates = []
-    if os.environ.get("COMFYUI_PATH"):
-        candidates.append(Path(os.environ["COMFYUI_PATH"]).expanduser())
-    candidates.append(Path.home() / "comfy" / "ComfyUI")
-    if PACK_ROOT.parent.name == "custom_nodes":
-        candidates.append(PACK_ROOT.parent.parent)
-    return next((c.resolve() for c in candidates if is_comfyui(c)), None)
 
 
 _import_error: str | None = None

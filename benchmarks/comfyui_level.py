@@ -1,0 +1,173 @@
+"""Model-level benchmark inside ComfyUI: one sampler step on a full-size UNet, unpatched and patched.
+
+Run as a child process by ``python -m todo_core.bench`` (one process per
+attention backend, because ComfyUI picks its backend at import):
+
+    python benchmarks/comfyui_level.py --comfyui ~/comfy/ComfyUI --attention pytorch \
+        --model sd15 --size 1024x1024 --settings unpatched todo-auto tome-0.5 --out result.json
+
+The UNet has the full SD1.5 or SDXL architecture with seeded random weights,
+built in memory (no checkpoint file). Each setting patches the same base model
+with the real nodes (this pack's ToDoModelPatch through ComfyUI's custom-node
+loader, ComfyUI's TomePatchModel and HyperTile) and runs one Euler step with
+CFG 7 through ``comfy.sample.sample``, all settings side by side in one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+PACK_ROOT = Path(__file__).resolve().parents[1]
+if str(PACK_ROOT) not in sys.path:
+    sys.path.append(str(PACK_ROOT))
+
+from todo_core.bench.memory import measure_peak  # noqa: E402  (after the path set-up above)
+
+FULL_UNETS = {
+    "sd15": {
+        "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+        "legacy": False, "adm_in_channels": None, "in_channels": 4, "model_channels": 320,
+        "num_res_blocks": [2, 2, 2, 2], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+        "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1, "use_linear_in_transformer": False,
+        "context_dim": 768, "num_heads": 8, "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+        "use_temporal_resblock": False, "use_temporal_attention": False,
+    },
+    "sdxl": {
+        "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+        "legacy": False, "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4,
+        "model_channels": 320, "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10],
+        "channel_mult": [1, 2, 4], "transformer_depth_middle": 10, "use_linear_in_transformer": True,
+        "context_dim": 2048, "num_head_channels": 64, "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
+        "use_temporal_resblock": False, "use_temporal_attention": False,
+    },
+}  # fmt: skip
+
+SETTINGS = {
+    "unpatched": None,
+    "todo-auto": ("todo", {}),
+    "todo-2": ("todo", {"mode": "manual", "depth_1_factor": 2.0, "depth_2_factor": 1.0, "depth_3_factor": 1.0}),
+    "todo-3": ("todo", {"mode": "manual", "depth_1_factor": 3.0, "depth_2_factor": 1.0, "depth_3_factor": 1.0}),
+    "todo-4-2": ("todo", {"mode": "manual", "depth_1_factor": 4.0, "depth_2_factor": 2.0, "depth_3_factor": 1.0}),
+    "tome-0.5": ("TomePatchModel", {"ratio": 0.5}),
+    "hypertile-256": ("HyperTile", {"tile_size": 256, "swap_size": 2, "max_depth": 0, "scale_depth": False}),
+}
+
+
+def set_up_comfyui(root: Path, attention: str):
+    sys.path.insert(0, str(root))
+    import comfy.cli_args
+    import torch
+
+    args = comfy.cli_args.args
+    args.cpu = not torch.cuda.is_available()
+    args.use_pytorch_cross_attention = attention == "pytorch"
+    args.use_quad_cross_attention = attention == "sub-quad"
+    import comfy.ldm.modules.attention as attention_module
+    import comfy.model_management
+
+    import nodes
+
+    if "ToDoModelPatch" not in nodes.NODE_CLASS_MAPPINGS:
+        assert asyncio.run(nodes.load_custom_node(str(PACK_ROOT), module_parent="custom_nodes"))
+    return attention_module.optimized_attention.__name__, comfy.model_management.get_torch_device()
+
+
+def build_model(kind: str, device, dtype):
+    import comfy.model_base
+    import comfy.model_patcher
+    import comfy.supported_models
+    import torch
+
+    config_class = comfy.supported_models.SD15 if kind == "sd15" else comfy.supported_models.SDXL
+    config = config_class({**FULL_UNETS[kind], "dtype": dtype})
+    config.set_inference_dtype(dtype, None)
+    model_class = comfy.model_base.BaseModel if kind == "sd15" else comfy.model_base.SDXL
+    model = model_class(config, device=device)
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.diffusion_model.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
+    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
+
+
+def patched(base, setting: str):
+    import importlib
+
+    import nodes
+
+    if SETTINGS[setting] is None:
+        return base
+    node_id, inputs = SETTINGS[setting]
+    if node_id == "todo":
+        node_class = nodes.NODE_CLASS_MAPPINGS["ToDoModelPatch"]
+    else:
+        module = {"TomePatchModel": "comfy_extras.nodes_tomesd", "HyperTile": "comfy_extras.nodes_hypertile"}[node_id]
+        node_class = getattr(importlib.import_module(module), node_id)
+    output = node_class.execute(base, **inputs)
+    return output.result[0] if hasattr(output, "result") else output[0]
+
+
+def one_step(model, latent_hw, seed: int):
+    import comfy.sample
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    context_dim = model.model.model_config.unet_config["context_dim"]
+    extra = {"pooled_output": torch.randn(1, 1280, generator=generator)} if model.model.adm_channels else {}
+    positive = [[torch.randn(1, 77, context_dim, generator=generator), dict(extra)]]
+    negative = [[torch.randn(1, 77, context_dim, generator=generator), dict(extra)]]
+    latent = torch.zeros(1, 4, *latent_hw)
+    noise = torch.randn(latent.shape, generator=generator)
+    return comfy.sample.sample(model, noise, 1, 7.0, "euler", "normal", positive, negative, latent,
+                               disable_pbar=True, seed=seed)  # fmt: skip
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--comfyui", type=Path, required=True)
+    parser.add_argument("--attention", choices=["pytorch", "sub-quad"], required=True)
+    parser.add_argument("--model", choices=sorted(FULL_UNETS), required=True)
+    parser.add_argument("--size", required=True, help="WIDTHxHEIGHT in pixels")
+    parser.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), required=True)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+
+    import torch
+
+    backend, device = set_up_comfyui(args.comfyui, args.attention)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
+    width, height = (int(v) for v in args.size.lower().split("x"))
+    latent_hw = (height // 8, width // 8)
+    base = build_model(args.model, device, dtype)
+    one_step(base, (16, 16), seed=0)  # warm-up: lazy initialisation off the clock
+
+    rows = []
+    for setting in args.settings:
+        model = patched(base, setting)
+        seconds, peaks = [], []
+        for repeat in range(args.repeats):
+            start = time.perf_counter()
+            _, peak = measure_peak(lambda m=model, r=repeat: one_step(m, latent_hw, seed=1 + r), device)
+            seconds.append(time.perf_counter() - start)
+            peaks.append(peak)
+        rows.append({
+            "level": "model", "model": args.model, "size": args.size, "setting": setting, "backend": backend,
+            "attention": args.attention, "device": device.type, "dtype": str(dtype).replace("torch.", ""),
+            "seconds": statistics.median(seconds), "runs": seconds,
+            "peak_bytes": max((p for p in peaks if p is not None), default=None),
+        })  # fmt: skip
+        args.out.write_text(json.dumps(rows, indent=2))
+        print(json.dumps(rows[-1]), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""Benchmark ToDo against exact attention and its peers: speed, memory and fidelity, side by side in one run.
+
+    python -m todo_core.bench                    # quick preset: a few minutes on 2 CPU cores
+    python -m todo_core.bench --preset full      # every size and both ComfyUI CPU attention backends (long)
+
+Writes results.json, results.md and results.png to --out-dir and prints the tables.
+Attention level needs torch and scikit-image (photographs); the model level needs
+a ComfyUI checkout (COMFYUI_PATH or ~/comfy/ComfyUI) and is skipped without one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .attention_level import LAYER_SHAPES, AttentionConfig, fidelity_rows, timing_rows
+from .comfyui_path import ENABLE_HINT, PACK_ROOT, find_comfyui
+from .report import markdown, plot, update_readme, write_json
+
+MODEL_RUNNER = PACK_ROOT / "benchmarks" / "comfyui_level.py"
+MMAP_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+"""Large buffers are mmapped and given back on free, so the peak resident memory of each call is measurable."""
+
+
+@dataclass(frozen=True)
+class ModelRun:
+    model: str
+    size: str
+    attention: str
+    settings: tuple[str, ...]
+
+
+PRESETS = {
+    "quick": (
+        AttentionConfig(query_sample=1024),
+        (ModelRun("sd15", "768x768", "pytorch", ("unpatched", "todo-auto", "todo-2", "tome-0.5", "hypertile-256")),),
+    ),
+    "full": (
+        AttentionConfig(query_sample=2048, timed_resolutions=(1024, 1536), depth_1_only_timing=False),
+        (
+            ModelRun(
+                "sd15", "1024x1024", "sub-quad", ("unpatched", "todo-auto", "todo-2", "tome-0.5", "hypertile-256")
+            ),
+            ModelRun("sd15", "1024x1024", "pytorch", ("unpatched", "todo-auto", "todo-2", "tome-0.5", "hypertile-256")),
+            ModelRun("sd15", "2048x2048", "pytorch", ("unpatched", "todo-auto", "todo-4-2")),
+            ModelRun("sdxl", "2048x2048", "pytorch", ("unpatched", "todo-auto")),
+        ),
+    ),
+    "tiny": (  # for tests: seconds, not minutes
+        AttentionConfig(
+            models=("sd15",),
+            resolutions=(256,),
+            timed_resolutions=(256,),
+            factors=(2.0,),
+            photos=("astronaut",),
+            query_sample=128,
+            repeats=1,
+            hypertile_tiles=(2,),
+            tome_ratios=(0.5,),
+        ),
+        (ModelRun("sd15", "64x64", "pytorch", ("unpatched", "todo-2")),),
+    ),
+}
+
+
+class Progress:
+    """A one-line progress bar on stderr (tqdm when it is installed)."""
+
+    def __init__(self, total: int, label: str) -> None:
+        try:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, desc=label, file=sys.stderr, leave=True)
+        except ImportError:
+            self._bar = None
+        self.total, self.done, self.label = total, 0, label
+
+    def step(self, note: str = "") -> None:
+        self.done += 1
+        if self._bar is not None:
+            self._bar.set_postfix_str(note[:40])
+            self._bar.update(1)
+        else:
+            print(f"\r{self.label}: {self.done}/{self.total} {note[:40]}", end="", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        else:
+            print(file=sys.stderr)
+
+
+def run_attention_level(config: AttentionConfig, device: torch.device, dtype: torch.dtype) -> list[dict]:
+    rows: list[dict] = []
+    layers = sum(len(LAYER_SHAPES[model]) for model in config.models)
+    progress = Progress(layers * len(config.resolutions), "attention fidelity")
+    last = None
+    for row in fidelity_rows(config, device, dtype):
+        key = (row["model"], row["depth"], row["resolution"])
+        if key != last:
+            if last is not None:
+                progress.step(f"{last[0]} d{last[1]} {last[2]}²")
+            last = key
+        rows.append(row)
+    progress.step(f"{last[0]} d{last[1]} {last[2]}²" if last else "")
+    progress.close()
+    timed = list(timing_rows(config, device, dtype))
+    rows += timed
+    return rows
+
+
+def run_model_level(runs: tuple[ModelRun, ...], comfyui: Path, repeats: int) -> list[dict]:
+    rows: list[dict] = []
+    progress = Progress(sum(len(r.settings) for r in runs), "model level")
+    for run in runs:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "rows.json"
+            command = [sys.executable, str(MODEL_RUNNER), "--comfyui", str(comfyui), "--attention", run.attention,
+                       "--model", run.model, "--size", run.size, "--repeats", str(repeats),
+                       "--settings", *run.settings, "--out", str(out)]  # fmt: skip
+            with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                  env={**os.environ, **MMAP_ENV}) as child:  # fmt: skip
+                for line in child.stdout:
+                    if line.startswith("{"):
+                        row = json.loads(line)
+                        progress.step(f"{run.model} {run.size} {run.attention} {row['setting']}")
+            if child.returncode != 0:
+                raise SystemExit(f"the model-level run {run} failed (exit {child.returncode}): {' '.join(command)}")
+            rows += json.loads(out.read_text())
+    progress.close()
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m todo_core.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="quick", help="sizes and settings (default quick)")
+    parser.add_argument("--levels", nargs="+", choices=["attention", "model"], default=["attention", "model"])
+    parser.add_argument("--out-dir", type=Path, default=Path("bench-results"), help="where results go")
+    parser.add_argument("--comfyui", type=Path, default=None, help="ComfyUI checkout (default: found automatically)")
+    parser.add_argument("--repeats", type=int, default=1, help="model-level runs per setting (median)")
+    parser.add_argument("--update-readme", action="store_true", help="replace the README's generated section")
+    args = parser.parse_args(argv)
+
+    config, runs = PRESETS[args.preset]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores".replace("  ", " "),
+        "torch": torch.__version__, "device": device.type, "dtype": str(dtype).replace("torch.", ""),
+        "preset": args.preset, "photos": len(config.photos), "command": "python -m todo_core.bench "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
+    }  # fmt: skip
+    if device.type == "cuda":
+        meta["gpu"] = torch.cuda.get_device_name(device)
+    rows: list[dict] = []
+    if "attention" in args.levels:
+        rows += run_attention_level(config, device, dtype)
+    if "model" in args.levels:
+        comfyui = args.comfyui or find_comfyui()
+        if comfyui is None:
+            print(f"model level skipped: ComfyUI not found ({ENABLE_HINT})", file=sys.stderr)
+        else:
+            meta["comfyui"] = str(comfyui)
+            rows += run_model_level(runs, comfyui, args.repeats)
+
+    write_json(args.out_dir / "results.json", meta, rows)
+    plot_written = plot(rows, args.out_dir / "results.png")
+    section = markdown(meta, rows, "results.png" if plot_written else None)
+    (args.out_dir / "results.md").write_text(section)
+    print(section)
+    if args.update_readme:
+        readme_section = markdown(meta, rows, f"{args.out_dir.as_posix()}/results.png" if plot_written else None)
+        if not update_readme(PACK_ROOT / "README.md", readme_section):
+            print("README.md has no benchmark markers; not updated", file=sys.stderr)
+    return 0
+
+
+def _with_measurable_memory(argv: list[str]) -> None:
+    """Re-run once with the allocator set so that freed buffers leave the resident set (Linux, glibc)."""
+    if sys.platform.startswith("linux") and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        os.execve(sys.executable, [sys.executable, "-m", "todo_core.bench", *argv], {**os.environ, **MMAP_ENV})
+
+
+if __name__ == "__main__":
+    _with_measurable_memory(sys.argv[1:])
+    sys.exit(main())
