@@ -118,3 +118,11 @@ def test_cli_model_level_through_comfyui(node, tmp_path):
     assert [row["setting"] for row in rows] == ["unpatched", "todo-2"]
     assert all(row["seconds"] > 0 and row["backend"] == "attention_pytorch" for row in rows)
     assert "Model level" in (tmp_path / "results.md").read_text()
+
+
+def test_cli_regenerates_reports_from_a_results_file(tmp_path):
+    results = tmp_path / "run"
+    assert main(["--preset", "tiny", "--levels", "attention", "--out-dir", str(results)]) == 0
+    again = tmp_path / "again"
+    assert main(["--from-results", str(results / "results.json"), "--out-dir", str(again)]) == 0
+    assert (again / "results.md").read_text() == (results / "results.md").read_text()

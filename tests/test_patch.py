@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from todo_core import DownsampleMethod, ToDoAttn1Patch, ToDoConfig, downsample_tokens
-from todo_core.patch import run_todo_last, warn_once
+from todo_core.patch import _warned_kinds, run_todo_last
 
 
 def options(height: int, width: int, depth_scale: int = 1, sigma: float | None = None) -> dict:
@@ -96,13 +96,15 @@ def test_cross_attention_context_passes_through():
 
 
 def test_temporal_tokens_pass_through_with_one_warning(caplog):
-    warn_once.cache_clear()
+    _warned_kinds.clear()
     frames = hidden(2 * 16 * 16, 1, 14)  # [(b h w), frames, C]
     patch = ToDoAttn1Patch(MANUAL_2)
     with caplog.at_level(logging.WARNING, logger="comfyui_todo"):
         for _ in range(5):
             out = patch(frames, frames, frames, options(16, 16))
             assert all(t is frames for t in out)
+        other_block = options(8, 8)
+        patch(frames[:, :, :8], frames[:, :, :8], frames[:, :, :8], other_block)
     assert len([r for r in caplog.records if "do not form the latent grid" in r.message]) == 1
 
 

@@ -9,7 +9,6 @@ configuration and the call's own arguments.
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 import torch
 
 from .config import ToDoConfig
-from .downsample import downsample_tokens
+from .downsample import downsample_tokens, output_tokens
 from .grid import TokenGrid, resolve_grid
 
 logger = logging.getLogger("comfyui_todo")
@@ -25,10 +24,17 @@ logger = logging.getLogger("comfyui_todo")
 Tokens = torch.Tensor
 
 
-@functools.cache
-def warn_once(message: str) -> None:
-    """Log a warning the first time a message occurs; attention runs thousands of times a step."""
-    logger.warning(message)
+_warned_kinds: set[str] = set()
+
+
+def warn_once(kind: str, message: str) -> None:
+    """Log one warning per kind of event per process: attention runs thousands of times per image.
+
+    Only logging state: no patch decision ever depends on it.
+    """
+    if kind not in _warned_kinds:
+        _warned_kinds.add(kind)
+        logger.warning(message)
 
 
 class ToDoAttn1Patch:
@@ -70,9 +76,11 @@ class ToDoAttn1Patch:
         grid = resolve_grid(n_tokens, extra_options.get("activations_shape"), extra_options.get("original_shape"))
         if grid is None:
             warn_once(
-                f"ToDo: {n_tokens} attention tokens in block {extra_options.get('block')} do not form the "
-                f"latent grid (activations {extra_options.get('activations_shape')}, latent "
-                f"{extra_options.get('original_shape')}); those layers are left unchanged."
+                "no-grid",
+                f"ToDo: attention tokens that do not form the latent grid are left unchanged (first seen: "
+                f"{n_tokens} tokens in block {extra_options.get('block')}, activations "
+                f"{extra_options.get('activations_shape')}, latent {extra_options.get('original_shape')}). "
+                "Expected for temporal attention in video models; reported once.",
             )
         return grid
 
@@ -88,19 +96,20 @@ class ToDoAttn1Patch:
         if factor <= 1.0:
             return q, k, v
 
-        method = self.config.method
-        k_small = downsample_tokens(k, grid.height, grid.width, factor, factor, method)
-        v_small = k_small if v is k else downsample_tokens(v, grid.height, grid.width, factor, factor, method)
-
         # A previous patch that tiled q into T batches (HyperTile) makes the
         # attention backend view K/V as T contiguous chunks: keep that possible.
         tiles = q.shape[0] // k.shape[0]
-        if tiles > 1 and k_small.shape[1] % tiles != 0:
+        if tiles > 1 and output_tokens(grid.height, grid.width, factor, factor) % tiles != 0:
             warn_once(
-                f"ToDo: queries are tiled into {tiles} parts by another patch and {k_small.shape[1]} reduced "
-                "keys do not split evenly; those layers are left unchanged."
+                "tiled",
+                f"ToDo: another patch tiles the queries into {tiles} parts and the reduced keys would not split "
+                "evenly among them; those layers are left unchanged (reported once).",
             )
             return q, k, v
+
+        method = self.config.method
+        k_small = downsample_tokens(k, grid.height, grid.width, factor, factor, method)
+        v_small = k_small if v is k else downsample_tokens(v, grid.height, grid.width, factor, factor, method)
         return q, k_small, v_small
 
 

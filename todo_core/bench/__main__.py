@@ -25,7 +25,7 @@ import torch
 
 from .attention_level import LAYER_SHAPES, AttentionConfig, fidelity_rows, timing_rows
 from .comfyui_path import ENABLE_HINT, PACK_ROOT, find_comfyui
-from .report import markdown, plot, update_readme, write_json
+from .report import markdown, plot, read_json, update_readme, write_json
 
 MODEL_RUNNER = PACK_ROOT / "benchmarks" / "comfyui_level.py"
 MMAP_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
@@ -149,12 +149,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--comfyui", type=Path, default=None, help="ComfyUI checkout (default: found automatically)")
     parser.add_argument("--repeats", type=int, default=1, help="model-level runs per setting (median)")
     parser.add_argument("--update-readme", action="store_true", help="replace the README's generated section")
+    parser.add_argument(
+        "--from-results",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="write tables, plot and README section from an earlier results.json; run nothing",
+    )
     args = parser.parse_args(argv)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    if args.from_results:
+        meta, rows = read_json(args.from_results)
+        publish(meta, rows, args.out_dir, args.update_readme)
+        return 0
 
     config, runs = PRESETS[args.preset]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    args.out_dir.mkdir(parents=True, exist_ok=True)
     meta = {
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores".replace("  ", " "),
@@ -176,15 +187,21 @@ def main(argv: list[str] | None = None) -> int:
             rows += run_model_level(runs, comfyui, args.repeats)
 
     write_json(args.out_dir / "results.json", meta, rows)
-    plot_written = plot(rows, args.out_dir / "results.png")
+    publish(meta, rows, args.out_dir, args.update_readme)
+    return 0
+
+
+def publish(meta: dict, rows: list[dict], out_dir: Path, readme: bool) -> None:
+    """results.md and results.png beside the results; optionally the README's generated section."""
+    plot_written = plot(rows, out_dir / "results.png")
     section = markdown(meta, rows, "results.png" if plot_written else None)
-    (args.out_dir / "results.md").write_text(section)
+    (out_dir / "results.md").write_text(section)
     print(section)
-    if args.update_readme:
-        readme_section = markdown(meta, rows, f"{args.out_dir.as_posix()}/results.png" if plot_written else None)
+    if readme:
+        relative = out_dir.resolve().relative_to(PACK_ROOT) if out_dir.resolve().is_relative_to(PACK_ROOT) else out_dir
+        readme_section = markdown(meta, rows, f"{relative.as_posix()}/results.png" if plot_written else None)
         if not update_readme(PACK_ROOT / "README.md", readme_section):
             print("README.md has no benchmark markers; not updated", file=sys.stderr)
-    return 0
 
 
 def _with_measurable_memory(argv: list[str]) -> None:
