@@ -55,6 +55,8 @@ def load_pack():
     """Load this pack through ComfyUI's own custom-node loader; return the ToDoModelPatch class."""
     import nodes
 
+    if "PatchModelAddDownscale" not in nodes.NODE_CLASS_MAPPINGS:  # ComfyUI's own extra nodes, as the server has
+        asyncio.run(nodes.init_builtin_extra_nodes())
     if "ToDoModelPatch" not in nodes.NODE_CLASS_MAPPINGS:
         loaded = asyncio.run(nodes.load_custom_node(str(PACK_ROOT), module_parent="custom_nodes"))
         assert loaded, "ComfyUI's loader refused the pack"

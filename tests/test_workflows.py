@@ -13,7 +13,20 @@ WORKFLOWS = sorted((Path(__file__).resolve().parents[1] / "workflows").glob("*.j
 
 
 def test_there_are_example_workflows():
-    assert len(WORKFLOWS) >= 3
+    assert {p.stem for p in WORKFLOWS} >= {
+        "sd15_txt2img_2048", "sdxl_txt2img_2048x2048", "sdxl_txt2img_2560x1440", "sdxl_hires_fix_2x",
+        "sdxl_deep_shrink_todo_4096",
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
+def test_each_workflow_explains_itself_and_lists_its_checkpoint(path):
+    workflow = json.loads(path.read_text())
+    notes = [n for n in workflow["nodes"] if n["type"] == "Note"]
+    assert notes and "ToDo" in notes[0]["widgets_values"][0]
+    checkpoints = {n["widgets_values"][0] for n in workflow["nodes"] if n["type"] == "CheckpointLoaderSimple"}
+    assert checkpoints == {m["name"] for m in workflow["models"]}
+    assert all(m["url"].startswith("https://") and m["directory"] == "checkpoints" for m in workflow["models"])
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+FRONTEND_ONLY = {"Note", "MarkdownNote", "Reroute"}
+"""Nodes that live only in the editor and never reach the server."""
+
 
 def _is_widget(spec: tuple) -> bool:
     kind = spec[0]
@@ -15,6 +18,8 @@ def to_api_prompt(workflow: dict[str, Any], node_classes: dict[str, Any]) -> dic
     links = {link[0]: link for link in workflow["links"]}
     prompt = {}
     for node in workflow["nodes"]:
+        if node["type"] in FRONTEND_ONLY:
+            continue
         declared = node_classes[node["type"]].INPUT_TYPES()
         specs = {**declared.get("required", {}), **declared.get("optional", {})}
         linked = {i["name"]: links[i["link"]] for i in node.get("inputs", []) if i.get("link") is not None}

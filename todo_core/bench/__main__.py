@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .attention_level import LAYER_SHAPES, AttentionConfig, fidelity_rows, timing_rows
+from .attention_level import AttentionConfig, count_fidelity_steps, count_timing_steps, fidelity_rows, timing_rows
 from .comfyui_path import ENABLE_HINT, PACK_ROOT, find_comfyui
 from .report import markdown, plot, read_json, update_readme, write_json
 
@@ -101,22 +101,23 @@ class Progress:
 
 
 def run_attention_level(config: AttentionConfig, device: torch.device, dtype: torch.dtype) -> list[dict]:
-    rows: list[dict] = []
-    layers = sum(len(LAYER_SHAPES[model]) for model in config.models)
-    progress = Progress(layers * len(config.resolutions), "attention fidelity")
-    last = None
-    for row in fidelity_rows(config, device, dtype):
-        key = (row["model"], row["depth"], row["resolution"])
-        if key != last:
-            if last is not None:
-                progress.step(f"{last[0]} d{last[1]} {last[2]}²")
-            last = key
-        rows.append(row)
-    progress.step(f"{last[0]} d{last[1]} {last[2]}²" if last else "")
+    rows = _with_progress(fidelity_rows(config, device, dtype), count_fidelity_steps(config), "attention fidelity")
+    return rows + _with_progress(timing_rows(config, device, dtype), count_timing_steps(config), "attention timing")
+
+
+def _with_progress(rows, total: int, label: str) -> list[dict]:
+    """Collect rows, advancing the bar each time a new layer (model, depth, resolution) starts or ends."""
+    progress, collected, current = Progress(total, label), [], None
+    for row in rows:
+        layer = (row["model"], row["depth"], row["resolution"])
+        if current is not None and layer != current:
+            progress.step(f"{current[0]} d{current[1]} {current[2]}²")
+        current = layer
+        collected.append(row)
+    if current is not None:
+        progress.step(f"{current[0]} d{current[1]} {current[2]}²")
     progress.close()
-    timed = list(timing_rows(config, device, dtype))
-    rows += timed
-    return rows
+    return collected
 
 
 def run_model_level(runs: tuple[ModelRun, ...], comfyui: Path, repeats: int) -> list[dict]:

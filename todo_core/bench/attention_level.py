@@ -10,7 +10,6 @@ whole-layer runs: key/value projections plus attention, with
 from __future__ import annotations
 
 import itertools
-import math
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -298,9 +297,5 @@ def count_fidelity_steps(config: AttentionConfig) -> int:
 
 
 def count_timing_steps(config: AttentionConfig) -> int:
-    per_model = 1 if config.depth_1_only_timing else None
-    return sum(per_model or len(LAYER_SHAPES[m]) for m in config.models) * len(config.timed_resolutions)
-
-
-def largest_grid_tokens(config: AttentionConfig) -> int:
-    return max(math.prod(grid_for(r, 1)) for r in config.resolutions)
+    layers = sum(1 if config.depth_1_only_timing else len(LAYER_SHAPES[m]) for m in config.models)
+    return layers * len(config.timed_resolutions)

@@ -1,0 +1,105 @@
+"""In a real browser: ComfyUI's own frontend, each example workflow dropped onto the page as a user drops a file,
+the ToDo node shown with its widgets, and the graph queued from the page (slow; needs Chromium and Playwright)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from comfy_server import TEST_SIDE
+
+pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
+WORKFLOWS = sorted((Path(__file__).resolve().parents[1] / "workflows").glob("*.json"))
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync", "--no-first-run", "--disable-quic"]  # fmt: skip
+
+DROP_FILE = """async ([name, text]) => {
+    const file = new File([text], name, {type: "application/json"});
+    const data = new DataTransfer();
+    data.items.add(file);
+    const target = document.querySelector("canvas") || document;
+    for (const type of ["dragenter", "dragover", "drop"]) {
+        target.dispatchEvent(new DragEvent(type, {dataTransfer: data, bubbles: true, cancelable: true}));
+    }
+}"""
+
+GRAPH_STATE = """() => {
+    const graph = window.app.graph;
+    const nodes = graph._nodes || graph.nodes;
+    const known = (type) => Boolean(window.LiteGraph.registered_node_types[type]);
+    const todo = nodes.find((n) => n.type === "ToDoModelPatch");
+    return {
+        types: nodes.map((n) => n.type),
+        unknown: nodes.filter((n) => !known(n.type)).map((n) => n.type),
+        todoWidgets: todo ? todo.widgets.map((w) => [w.name, w.value]) : null,
+    };
+}"""
+
+REDUCE_AND_QUEUE = """async (side) => {
+    const nodes = window.app.graph._nodes || window.app.graph.nodes;
+    for (const node of nodes) {
+        const widget = (name) => node.widgets && node.widgets.find((w) => w.name === name);
+        if (node.type === "EmptyLatentImage") {
+            const scale = side / Math.max(widget("width").value, widget("height").value);
+            widget("width").value = Math.max(64, Math.round(widget("width").value * scale / 8) * 8);
+            widget("height").value = Math.max(64, Math.round(widget("height").value * scale / 8) * 8);
+        }
+        if (node.type === "KSampler") widget("steps").value = 2;
+    }
+    await window.app.queuePrompt(0, 1);
+}"""
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    if CHROMIUM is None:
+        pytest.skip("Chromium not found: apt-get install chromium (Debian) to run the browser tests")
+    playwright_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright to run browser tests")
+    with playwright_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS, headless=True)
+        tab = browser.new_page(viewport={"width": 1600, "height": 900})
+        tab.goto(server.url)
+        tab.wait_for_function("() => window.app && window.app.graph && window.LiteGraph", timeout=120_000)
+        time.sleep(2)  # first-run dialogs open after the graph
+        tab.keyboard.press("Escape")
+        yield tab
+        browser.close()
+
+
+def finished_prompts(server) -> dict:
+    return {key: value for key, value in server.get("/history").items() if value.get("status", {}).get("completed")}
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_dropped_workflow_loads_shows_todo_and_runs_from_the_page(server, page, path):
+    page.evaluate(DROP_FILE, [path.name, path.read_text()])
+    page.wait_for_function("() => (window.app.graph._nodes || window.app.graph.nodes).some("
+                           "(n) => n.type === 'ToDoModelPatch')", timeout=30_000)  # fmt: skip
+    page.keyboard.press("Escape")
+    state = page.evaluate(GRAPH_STATE)
+    expected_types = {node["type"] for node in json.loads(path.read_text())["nodes"]}
+    assert set(state["types"]) == expected_types
+    assert state["unknown"] == [], f"nodes reported missing: {state['unknown']}"
+    widgets = dict(state["todoWidgets"])
+    assert list(widgets) == ["mode", "depth_1_factor", "depth_2_factor", "depth_3_factor", "method",
+                             "start_percent", "end_percent", "native_resolution"]  # fmt: skip
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{path.stem}.png"))
+
+    before = set(finished_prompts(server))
+    page.evaluate(REDUCE_AND_QUEUE, TEST_SIDE)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        new = {k: v for k, v in finished_prompts(server).items() if k not in before}
+        if new:
+            (entry,) = new.values()
+            assert entry["status"]["status_str"] == "success", entry["status"]
+            assert any(output.get("images") for output in entry["outputs"].values())
+            return
+        time.sleep(1)
+    raise AssertionError(f"the queued workflow did not finish:\n{server.log_tail()}")

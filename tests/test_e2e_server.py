@@ -1,0 +1,76 @@
+"""End to end through ComfyUI's own server and HTTP API, as a client uses it (slow: ``-m "not slow"`` skips)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from comfy_server import PACK_FOLDER, reduced
+from workflow_api import to_api_prompt
+
+pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
+WORKFLOWS = sorted((Path(__file__).resolve().parents[1] / "workflows").glob("*.json"))
+TIMINGS: dict[str, float] = {}
+
+
+class ObjectInfo:
+    @staticmethod
+    def node_classes(info: dict) -> dict:
+        """``to_api_prompt`` needs ``INPUT_TYPES()``: serve it from /object_info, as a client would."""
+
+        class Remote:
+            def __init__(self, entry: dict) -> None:
+                self.entry = entry
+
+            def INPUT_TYPES(self) -> dict:  # noqa: N802  (ComfyUI's name)
+                return self.entry["input"]
+
+        return {name: Remote(entry) for name, entry in info.items()}
+
+
+def test_node_is_in_object_info_with_its_inputs(server):
+    info = server.get("/object_info/ToDoModelPatch")["ToDoModelPatch"]
+    assert info["display_name"] == "ToDo: Token Downsampling"
+    assert info["category"] == "model_patches/unet"
+    assert list(info["input"]["required"]) == [
+        "model", "mode", "depth_1_factor", "depth_2_factor", "depth_3_factor",
+        "method", "start_percent", "end_percent", "native_resolution",
+    ]  # fmt: skip
+    assert info["python_module"].endswith(PACK_FOLDER)
+
+
+def test_workflows_are_served_as_templates(server):
+    templates = server.get("/workflow_templates")
+    assert sorted(templates[PACK_FOLDER]) == sorted(p.stem for p in WORKFLOWS)
+    first = WORKFLOWS[0]
+    served = server.get(f"/api/workflow_templates/{PACK_FOLDER}/{first.name}")
+    assert served == json.loads(first.read_text())
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_workflow_runs_end_to_end(server, path):
+    prompt = reduced(to_api_prompt(json.loads(path.read_text()), ObjectInfo.node_classes(server.get("/object_info"))))
+    start = time.monotonic()
+    entry = server.run_prompt(prompt)
+    TIMINGS[path.stem] = round(time.monotonic() - start, 1)
+    print(f"{path.stem}: {TIMINGS[path.stem]} s")
+    images = [image for output in entry["outputs"].values() for image in output.get("images", [])]
+    assert images, f"no image written: {entry['outputs']}"
+    for image in images:
+        written = server.base / "output" / image.get("subfolder", "") / image["filename"]
+        assert written.is_file() and written.stat().st_size > 1000
+
+
+@pytest.mark.parametrize(("name", "value", "message"), [
+    ("depth_1_factor", 0.0, "depth_1_factor must be between 1 and 8"),
+    ("method", "foo", "method must be one of"),
+])  # fmt: skip
+def test_bad_input_is_refused_naming_the_input(server, name, value, message):
+    prompt = to_api_prompt(json.loads(WORKFLOWS[0].read_text()), ObjectInfo.node_classes(server.get("/object_info")))
+    todo = next(entry for entry in prompt.values() if entry["class_type"] == "ToDoModelPatch")
+    todo["inputs"][name] = value
+    status, reply = server.post("/prompt", {"prompt": prompt})
+    assert status == 400
+    assert message in json.dumps(reply["node_errors"])
