@@ -200,7 +200,9 @@ def publish(meta: dict, rows: list[dict], out_dir: Path, readme: bool) -> None:
     print(section)
     if readme:
         relative = out_dir.resolve().relative_to(PACK_ROOT) if out_dir.resolve().is_relative_to(PACK_ROOT) else out_dir
-        readme_section = markdown(meta, rows, f"{relative.as_posix()}/results.png" if plot_written else None)
+        readme_section = markdown(
+            meta, rows, f"{relative.as_posix()}/results.png" if plot_written else None, compact=True
+        )
         if not update_readme(PACK_ROOT / "README.md", readme_section):
             print("README.md has no benchmark markers; not updated", file=sys.stderr)
 

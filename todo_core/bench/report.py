@@ -82,8 +82,10 @@ def best_method_table(rows: list[dict]) -> str:
     return _table(["factor", "best method", "mean error", "runner-up", "its error", "nearest"], body) if body else ""
 
 
-def attention_timing_table(rows: list[dict]) -> str:
+def attention_timing_table(rows: list[dict], first_layers_only: bool = False) -> str:
     timing = [r for r in rows if r.get("kind") == "timing"]
+    if first_layers_only:
+        timing = [r for r in timing if r["depth"] == first_layer(timing, r["model"])]
     body = [
         [f"{r['model']} d{r['depth']} {r['resolution']}²", f"{r['family']} {r['setting']}".strip(),
          f"{r['seconds'] * 1000:,.0f}", f"{r['speedup']:.2f}×",
@@ -111,7 +113,8 @@ def model_table(rows: list[dict]) -> str:
     return _table(header, body) if body else ""
 
 
-def markdown(meta: dict, rows: list[dict], plot_name: str | None) -> str:
+def markdown(meta: dict, rows: list[dict], plot_name: str | None, compact: bool = False) -> str:
+    """The results as Markdown; ``compact`` keeps only each model's first attention depth in the timing table."""
     parts = [
         f"Measured {meta.get('date', '?')} on {meta.get('machine', '?')} · torch {meta.get('torch', '?')} · "
         f"device {meta.get('device', '?')} · dtype {meta.get('dtype', '?')} · command `{meta.get('command', '?')}`"
@@ -124,8 +127,9 @@ def markdown(meta: dict, rows: list[dict], plot_name: str | None) -> str:
          fidelity_table(rows)),
         ("Which ToDo method is most faithful, per factor (mean over every layer and resolution measured)",
          best_method_table(rows)),
-        ("Attention-level speed and memory (one layer, keys/values projected and attended; torch SDPA)",
-         attention_timing_table(rows)),
+        ("Attention-level speed and memory (one layer, keys/values projected and attended; torch SDPA"
+         + ("; first attention depth of each model, every depth in results.md)" if compact else ")"),
+         attention_timing_table(rows, first_layers_only=compact)),
         ("Model level: one Euler step with CFG (cond + uncond) through ComfyUI, full-size UNet, random weights",
          model_table(rows)),
     ]  # fmt: skip
@@ -151,12 +155,18 @@ def plot(rows: list[dict], path: Path) -> bool:
     figure, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
     markers = {"todo": "o", "hypertile": "s", "tome": "^"}
     colors = {"nearest": "tab:blue", "avg_pool": "tab:orange", "hypertile": "tab:purple", "tome": "tab:gray"}
+    labelled = set()
     for r in timing:
         error = fidelity.get((r["model"], r["depth"], r["resolution"], r["family"], r["setting"]))
-        if error is not None:
-            color = colors.get(r["setting"].split(" ")[0] if r["family"] == "todo" else r["family"], "tab:green")
-            left.scatter(r["speedup"], 100 * error, marker=markers.get(r["family"], "x"), color=color)
-            left.annotate(f"{r['model']} {r['family']} {r['setting']}", (r["speedup"], 100 * error), fontsize=6)
+        if error is None:
+            continue
+        kind = r["setting"].split(" ")[0] if r["family"] == "todo" else r["family"]
+        label = f"todo {kind}" if r["family"] == "todo" else kind
+        color = colors.get(kind, "tab:green")
+        left.scatter(r["speedup"], 100 * error, marker=markers.get(r["family"], "x"), color=color,
+                     label=None if label in labelled else label)  # fmt: skip
+        labelled.add(label)
+    left.legend(fontsize=8)
     left.set_xlabel("measured attention speed-up (×)")
     left.set_ylabel("relative error of attention output (%)")
     left.set_title("Speed-up against fidelity (timed layers)")
