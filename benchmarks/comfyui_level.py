@@ -56,10 +56,13 @@ SETTINGS = {
     "todo-4-2": ("todo", {"mode": "manual", "depth_1_factor": 4.0, "depth_2_factor": 2.0, "depth_3_factor": 1.0}),
     "tome-0.5": ("TomePatchModel", {"ratio": 0.5}),
     "hypertile-256": ("HyperTile", {"tile_size": 256, "swap_size": 2, "max_depth": 0, "scale_depth": False}),
+    # The official comfy-todo node, when its checkout is given with --peer (never shipped with this pack).
+    "comfy-todo-2": ("ToDoPatchModel", {"downsample_factor_depth_1": 2.0, "downsample_factor_depth_2": 1.0}),
+    "comfy-todo-4-2": ("ToDoPatchModel", {"downsample_factor_depth_1": 4.0, "downsample_factor_depth_2": 2.0}),
 }
 
 
-def set_up_comfyui(root: Path, attention: str):
+def set_up_comfyui(root: Path, attention: str, peers: list[Path]):
     sys.path.insert(0, str(root))
     import comfy.cli_args
     import torch
@@ -73,8 +76,8 @@ def set_up_comfyui(root: Path, attention: str):
 
     import nodes
 
-    if "ToDoModelPatch" not in nodes.NODE_CLASS_MAPPINGS:
-        assert asyncio.run(nodes.load_custom_node(str(PACK_ROOT), module_parent="custom_nodes"))
+    for pack in (PACK_ROOT, *peers):
+        assert asyncio.run(nodes.load_custom_node(str(pack), module_parent="custom_nodes")), f"cannot load {pack}"
     return attention_module.optimized_attention.__name__, comfy.model_management.get_torch_device()
 
 
@@ -106,6 +109,9 @@ def patched(base, setting: str):
     node_id, inputs = SETTINGS[setting]
     if node_id == "todo":
         node_class = nodes.NODE_CLASS_MAPPINGS["ToDoModelPatch"]
+    elif node_id == "ToDoPatchModel":  # a V1 node: an instance and its FUNCTION
+        node_class = nodes.NODE_CLASS_MAPPINGS[node_id]
+        return getattr(node_class(), node_class.FUNCTION)(base, **inputs)[0]
     else:
         module = {"TomePatchModel": "comfy_extras.nodes_tomesd", "HyperTile": "comfy_extras.nodes_hypertile"}[node_id]
         node_class = getattr(importlib.import_module(module), node_id)
@@ -138,11 +144,12 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--peer", type=Path, action="append", default=[], help="another node pack to load")
     args = parser.parse_args(argv)
 
     import torch
 
-    backend, device = set_up_comfyui(args.comfyui, args.attention)
+    backend, device = set_up_comfyui(args.comfyui, args.attention, args.peer)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
     width, height = (int(v) for v in args.size.lower().split("x"))
     latent_hw = (height // 8, width // 8)

@@ -95,6 +95,10 @@ def checkpoint_cache() -> Path:
     return Path(os.environ.get("TODO_TEST_CACHE", Path.home() / ".cache" / "comfyui-todo-tests"))
 
 
+def _json_or_none(body: bytes) -> object:
+    return json.loads(body) if body.strip() else None
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -111,14 +115,14 @@ class ComfyServer:
         with urllib.request.urlopen(f"{self.url}{route}", timeout=30) as response:
             return json.loads(response.read())
 
-    def post(self, route: str, payload: dict) -> tuple[int, object]:
+    def post(self, route: str, payload: object) -> tuple[int, object]:
         request = urllib.request.Request(f"{self.url}{route}", data=json.dumps(payload).encode(),
                                          headers={"Content-Type": "application/json"})  # fmt: skip
         try:
             with urllib.request.urlopen(request, timeout=60) as response:
-                return response.status, json.loads(response.read())
+                return response.status, _json_or_none(response.read())
         except urllib.error.HTTPError as error:
-            return error.code, json.loads(error.read())
+            return error.code, _json_or_none(error.read())
 
     def run_prompt(self, prompt: dict, timeout: float = 600) -> dict:
         """Queue an API prompt and wait for its history entry; raises with the server log tail on failure."""

@@ -40,6 +40,19 @@ GRAPH_STATE = """() => {
     };
 }"""
 
+FOCUS_TODO = """() => {
+    const canvas = window.app.canvas;
+    const todo = (window.app.graph._nodes || window.app.graph.nodes).find((n) => n.type === "ToDoModelPatch");
+    canvas.ds.scale = 1.0;
+    canvas.ds.offset = [-todo.pos[0] + 560, -todo.pos[1] + 260];
+    canvas.setDirty(true, true);
+}"""
+
+LOADED = """(expected) => {
+    const nodes = window.app.graph._nodes || window.app.graph.nodes;
+    return JSON.stringify(nodes.map((n) => n.type).sort()) === JSON.stringify(expected);
+}"""
+
 REDUCE_AND_QUEUE = """async (side) => {
     const nodes = window.app.graph._nodes || window.app.graph.nodes;
     for (const node of nodes) {
@@ -62,11 +75,10 @@ def page(server):
     playwright_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright to run browser tests")
     with playwright_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS, headless=True)
+        server.post("/settings/Comfy.TutorialCompleted", True)  # no first-run template browser over the graph
         tab = browser.new_page(viewport={"width": 1600, "height": 900})
         tab.goto(server.url)
         tab.wait_for_function("() => window.app && window.app.graph && window.LiteGraph", timeout=120_000)
-        time.sleep(2)  # first-run dialogs open after the graph
-        tab.keyboard.press("Escape")
         yield tab
         browser.close()
 
@@ -77,18 +89,19 @@ def finished_prompts(server) -> dict:
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
 def test_dropped_workflow_loads_shows_todo_and_runs_from_the_page(server, page, path):
+    expected_types = sorted(node["type"] for node in json.loads(path.read_text())["nodes"])
+    page.evaluate("() => window.app.graph.clear()")  # so that the previous workflow cannot satisfy the wait
     page.evaluate(DROP_FILE, [path.name, path.read_text()])
-    page.wait_for_function("() => (window.app.graph._nodes || window.app.graph.nodes).some("
-                           "(n) => n.type === 'ToDoModelPatch')", timeout=30_000)  # fmt: skip
-    page.keyboard.press("Escape")
+    page.wait_for_function(LOADED, arg=expected_types, timeout=30_000)
     state = page.evaluate(GRAPH_STATE)
-    expected_types = {node["type"] for node in json.loads(path.read_text())["nodes"]}
-    assert set(state["types"]) == expected_types
+    assert sorted(state["types"]) == expected_types
     assert state["unknown"] == [], f"nodes reported missing: {state['unknown']}"
     widgets = dict(state["todoWidgets"])
     assert list(widgets) == ["mode", "depth_1_factor", "depth_2_factor", "depth_3_factor", "method",
                              "start_percent", "end_percent", "native_resolution"]  # fmt: skip
     ARTIFACTS.mkdir(exist_ok=True)
+    page.evaluate(FOCUS_TODO)
+    page.wait_for_timeout(500)
     page.screenshot(path=str(ARTIFACTS / f"{path.stem}.png"))
 
     before = set(finished_prompts(server))

@@ -73,6 +73,17 @@ PRESETS = {
 }
 
 
+def parse_model_run(text: str) -> ModelRun:
+    """``model:WIDTHxHEIGHT:attention:setting,setting`` (attention: pytorch or sub-quad)."""
+    try:
+        model, size, attention, settings = text.split(":")
+    except ValueError:
+        raise SystemExit(
+            f"--model-runs entries look like sd15:1024x1024:sub-quad:unpatched,todo-2; got {text!r}"
+        ) from None
+    return ModelRun(model, size, attention, tuple(settings.split(",")))
+
+
 class Progress:
     """A one-line progress bar on stderr (tqdm when it is installed)."""
 
@@ -120,7 +131,7 @@ def _with_progress(rows, total: int, label: str) -> list[dict]:
     return collected
 
 
-def run_model_level(runs: tuple[ModelRun, ...], comfyui: Path, repeats: int) -> list[dict]:
+def run_model_level(runs: tuple[ModelRun, ...], comfyui: Path, repeats: int, peers: list[Path]) -> list[dict]:
     rows: list[dict] = []
     progress = Progress(sum(len(r.settings) for r in runs), "model level")
     for run in runs:
@@ -128,7 +139,8 @@ def run_model_level(runs: tuple[ModelRun, ...], comfyui: Path, repeats: int) -> 
             out = Path(tmp) / "rows.json"
             command = [sys.executable, str(MODEL_RUNNER), "--comfyui", str(comfyui), "--attention", run.attention,
                        "--model", run.model, "--size", run.size, "--repeats", str(repeats),
-                       "--settings", *run.settings, "--out", str(out)]  # fmt: skip
+                       "--settings", *run.settings, "--out", str(out),
+                       *(arg for peer in peers for arg in ("--peer", str(peer)))]  # fmt: skip
             with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                                   env={**os.environ, **MMAP_ENV}) as child:  # fmt: skip
                 for line in child.stdout:
@@ -149,6 +161,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", type=Path, default=Path("bench-results"), help="where results go")
     parser.add_argument("--comfyui", type=Path, default=None, help="ComfyUI checkout (default: found automatically)")
     parser.add_argument("--repeats", type=int, default=1, help="model-level runs per setting (median)")
+    parser.add_argument(
+        "--peer",
+        type=Path,
+        action="append",
+        default=[],
+        help="another node pack to load at model level (the official comfy-todo for its settings)",
+    )
+    parser.add_argument(
+        "--model-runs",
+        nargs="+",
+        default=None,
+        metavar="MODEL:SIZE:ATTENTION:SETTING,...",
+        help="model-level runs instead of the preset's, e.g. sd15:1024x1024:sub-quad:unpatched,todo-2",
+    )
     parser.add_argument("--update-readme", action="store_true", help="replace the README's generated section")
     parser.add_argument(
         "--from-results",
@@ -185,7 +211,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"model level skipped: ComfyUI not found ({ENABLE_HINT})", file=sys.stderr)
         else:
             meta["comfyui"] = str(comfyui)
-            rows += run_model_level(runs, comfyui, args.repeats)
+            if args.model_runs:
+                runs = tuple(parse_model_run(text) for text in args.model_runs)
+            rows += run_model_level(runs, comfyui, args.repeats, args.peer)
 
     write_json(args.out_dir / "results.json", meta, rows)
     publish(meta, rows, args.out_dir, args.update_readme)
