@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.comfyui_level import FULL_UNETS
 from todo_core.bench.comfyui_path import PACK_ROOT
 
 CHECKPOINT_NAME = "v1-5-pruned-emaonly-fp16.safetensors"
@@ -26,14 +27,6 @@ SDXL_CHECKPOINT_NAME = "sd_xl_base_1.0.safetensors"
 PACK_FOLDER = "comfyui-todo"
 COPY_IGNORE = shutil.ignore_patterns(".git", "__pycache__", ".pytest_cache", ".hypothesis", ".ruff_cache",
                                      "bench-results", "*.pyc")  # fmt: skip
-SD15_UNET = {
-    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
-    "adm_in_channels": None, "in_channels": 4, "model_channels": 320, "num_res_blocks": [2, 2, 2, 2],
-    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1,
-    "use_linear_in_transformer": False, "context_dim": 768, "num_heads": 8,
-    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], "use_temporal_resblock": False,
-    "use_temporal_attention": False,
-}  # fmt: skip
 SD_VAE = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
           "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}  # fmt: skip
 
@@ -58,7 +51,7 @@ def write_random_sd15_checkpoint(path: Path, seed: int = 0) -> Path:
     if path.exists():
         return path
     generator = torch.Generator().manual_seed(seed)
-    config = comfy.supported_models.SD15({**SD15_UNET, "dtype": torch.float16})
+    config = comfy.supported_models.SD15({**FULL_UNETS["sd15"], "dtype": torch.float16})
     model = comfy.model_base.BaseModel(config, device=torch.device("cpu"))
     unet = _fill_random(model.diffusion_model, generator)
     clip = _fill_random(comfy.sd1_clip.SD1ClipModel(device="cpu", dtype=torch.float16), generator)

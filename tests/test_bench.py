@@ -84,9 +84,11 @@ def test_measure_peak_reports_memory_or_none():
 
 def test_update_readme_replaces_only_the_marked_section(tmp_path):
     readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{report.README_START}\nold\n{report.README_END}\noutro\n")
+    start, end = report.readme_markers()
+    readme.write_text(f"intro\n{start}\nold\n{end}\noutro\n")
     assert report.update_readme(readme, "new table")
-    assert readme.read_text() == f"intro\n{report.README_START}\nnew table\n{report.README_END}\noutro\n"
+    assert readme.read_text() == f"intro\n{start}\nnew table\n{end}\noutro\n"
+    assert not report.update_readme(readme, "x", name="other")
     unmarked = tmp_path / "OTHER.md"
     unmarked.write_text("no markers\n")
     assert not report.update_readme(unmarked, "x")

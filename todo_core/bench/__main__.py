@@ -176,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         help="model-level runs instead of the preset's, e.g. sd15:1024x1024:sub-quad:unpatched,todo-2",
     )
     parser.add_argument("--update-readme", action="store_true", help="replace the README's generated section")
+    parser.add_argument("--readme-section", default="bench", help="which generated README section (default bench)")
     parser.add_argument(
         "--from-results",
         type=Path,
@@ -187,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     if args.from_results:
         meta, rows = read_json(args.from_results)
-        publish(meta, rows, args.out_dir, args.update_readme)
+        publish(meta, rows, args.out_dir, args.update_readme and args.readme_section)
         return 0
 
     config, runs = PRESETS[args.preset]
@@ -216,23 +217,23 @@ def main(argv: list[str] | None = None) -> int:
             rows += run_model_level(runs, comfyui, args.repeats, args.peer)
 
     write_json(args.out_dir / "results.json", meta, rows)
-    publish(meta, rows, args.out_dir, args.update_readme)
+    publish(meta, rows, args.out_dir, args.update_readme and args.readme_section)
     return 0
 
 
-def publish(meta: dict, rows: list[dict], out_dir: Path, readme: bool) -> None:
-    """results.md and results.png beside the results; optionally the README's generated section."""
+def publish(meta: dict, rows: list[dict], out_dir: Path, readme_section: str | None) -> None:
+    """results.md and results.png beside the results; and the README's generated section of that name, if any."""
     plot_written = plot(rows, out_dir / "results.png")
     section = markdown(meta, rows, "results.png" if plot_written else None)
     (out_dir / "results.md").write_text(section)
     print(section)
-    if readme:
+    if readme_section:
         relative = out_dir.resolve().relative_to(PACK_ROOT) if out_dir.resolve().is_relative_to(PACK_ROOT) else out_dir
-        readme_section = markdown(
+        section_text = markdown(
             meta, rows, f"{relative.as_posix()}/results.png" if plot_written else None, compact=True
         )
-        if not update_readme(PACK_ROOT / "README.md", readme_section):
-            print("README.md has no benchmark markers; not updated", file=sys.stderr)
+        if not update_readme(PACK_ROOT / "README.md", section_text, readme_section):
+            print(f"README.md has no {readme_section} markers; not updated", file=sys.stderr)
 
 
 def _with_measurable_memory(argv: list[str]) -> None:

@@ -9,7 +9,6 @@ from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 
-README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
 logger = logging.getLogger("comfyui_todo")
 
 
@@ -194,11 +193,16 @@ def plot(rows: list[dict], path: Path) -> bool:
     return True
 
 
-def update_readme(readme: Path, section: str) -> bool:
-    """Replace the README's generated benchmark section; False when its markers are missing."""
+def readme_markers(name: str = "bench") -> tuple[str, str]:
+    return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+
+
+def update_readme(readme: Path, section: str, name: str = "bench") -> bool:
+    """Replace the README's generated section called ``name``; False when its markers are missing."""
+    start, end = readme_markers(name)
     text = readme.read_text()
-    pattern = re.compile(re.escape(README_START) + r".*?" + re.escape(README_END), re.DOTALL)
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.DOTALL)
     if not pattern.search(text):
         return False
-    readme.write_text(pattern.sub(lambda _: f"{README_START}\n{section}\n{README_END}", text))
+    readme.write_text(pattern.sub(lambda _: f"{start}\n{section}\n{end}", text))
     return True
