@@ -12,6 +12,7 @@ real token count.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -45,12 +46,14 @@ def ceil_side(side: int, depth: int) -> int:
     return side
 
 
+@functools.lru_cache(maxsize=1024)
 def depth_from_sides(latent_hw: tuple[int, int], grid_hw: tuple[int, int]) -> int:
     """Resolution level of a grid relative to the latent (1 = same size).
 
     A grid that is exactly a UNet level of the latent (ceil arithmetic) gets
     that level. A grid rescaled inside the UNet (Deep Shrink, by any factor)
     gets the nearest level in log2 space, from the larger ratio of its axes.
+    Memoised: the same few grids recur in every attention call.
     """
     for depth in range(1, MAX_DEPTH + 1):
         if (ceil_side(latent_hw[0], depth), ceil_side(latent_hw[1], depth)) == grid_hw:

@@ -18,12 +18,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..config import LATENT_SCALE
 from ..downsample import DownsampleMethod, downsample_tokens, output_side
 from ..grid import ceil_side
 from .memory import measure_peak
 from .tokens import PHOTOS, AttentionLayer, attention_layer, merge_heads, photo_tokens
-
-LATENT_SCALE = 8
 
 
 @dataclass(frozen=True)
