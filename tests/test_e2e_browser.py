@@ -83,6 +83,17 @@ def page(server):
         browser.close()
 
 
+def save_thumbnail(screenshot: Path, thumbnail: Path) -> None:
+    """The template browser's thumbnail (``<workflow>.jpg`` beside the workflow): the graph around the ToDo node."""
+    from PIL import Image
+
+    with Image.open(screenshot) as image:
+        width, height = image.size
+        crop = image.convert("RGB").crop((width // 8, height // 12, width * 7 // 8, height * 11 // 12))
+        crop.thumbnail((512, 512))
+        crop.save(thumbnail, quality=85)
+
+
 def finished_prompts(server) -> dict:
     return {key: value for key, value in server.get("/history").items() if value.get("status", {}).get("completed")}
 
@@ -103,6 +114,7 @@ def test_dropped_workflow_loads_shows_todo_and_runs_from_the_page(server, page, 
     page.evaluate(FOCUS_TODO)
     page.wait_for_timeout(500)
     page.screenshot(path=str(ARTIFACTS / f"{path.stem}.png"))
+    save_thumbnail(ARTIFACTS / f"{path.stem}.png", ARTIFACTS / f"{path.stem}.jpg")
 
     before = set(finished_prompts(server))
     page.evaluate(REDUCE_AND_QUEUE, TEST_SIDE)

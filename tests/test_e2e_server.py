@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,8 @@ def test_workflows_are_served_as_templates(server):
     first = WORKFLOWS[0]
     served = server.get(f"/api/workflow_templates/{PACK_FOLDER}/{first.name}")
     assert served == json.loads(first.read_text())
+    with urllib.request.urlopen(f"{server.url}/api/workflow_templates/{PACK_FOLDER}/{first.stem}.jpg") as thumbnail:
+        assert thumbnail.status == 200 and thumbnail.read() == first.with_suffix(".jpg").read_bytes()
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)

@@ -20,6 +20,12 @@ def test_there_are_example_workflows():
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
+def test_each_workflow_has_a_template_thumbnail(path):
+    thumbnail = path.with_suffix(".jpg")  # what ComfyUI's template browser asks for
+    assert thumbnail.is_file() and thumbnail.read_bytes()[:3] == b"\xff\xd8\xff"
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
 def test_each_workflow_explains_itself_and_lists_its_checkpoint(path):
     workflow = json.loads(path.read_text())
     notes = [n for n in workflow["nodes"] if n["type"] == "Note"]
