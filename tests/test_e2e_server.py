@@ -8,7 +8,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from comfy_server import PACK_FOLDER, reduced
+import torch
+from comfy_server import CHECKPOINT_NAME, PACK_FOLDER, reduced
 from workflow_api import to_api_prompt
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
@@ -77,3 +78,75 @@ def test_bad_input_is_refused_naming_the_input(server, name, value, message):
     status, reply = server.post("/prompt", {"prompt": prompt})
     assert status == 400
     assert message in json.dumps(reply["node_errors"])
+
+
+def branch_prompt(with_todo_branch: bool) -> dict:
+    """One checkpoint feeding a plain branch ("plain") and, optionally, a ToDo branch ("todo"), as API prompt."""
+    prompt = {
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT_NAME}},
+        "pos": {"class_type": "CLIPTextEncode", "inputs": {"text": "a cabin by a lake", "clip": ["ckpt", 1]}},
+        "neg": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["ckpt", 1]}},
+        "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": 256, "height": 192, "batch_size": 1}},
+    }
+
+    def branch(name: str, model: list) -> None:
+        prompt[f"{name}_sample"] = {
+            "class_type": "KSampler",
+            "inputs": {
+                "model": model,
+                "positive": ["pos", 0],
+                "negative": ["neg", 0],
+                "latent_image": ["latent", 0],
+                "seed": 7,
+                "steps": 2,
+                "cfg": 7.0,
+                "sampler_name": "euler",
+                "scheduler": "normal",
+                "denoise": 1.0,
+            },
+        }
+        # The latent, not a PNG: random weights and 8-bit quantisation can hide a small change in the image.
+        prompt[f"{name}_save"] = {
+            "class_type": "SaveLatent",
+            "inputs": {"samples": [f"{name}_sample", 0], "filename_prefix": f"latents/{name}"},
+        }
+
+    branch("plain", ["ckpt", 0])
+    if with_todo_branch:
+        prompt["todo"] = {
+            "class_type": "ToDoModelPatch",
+            "inputs": {
+                "model": ["ckpt", 0],
+                "mode": "manual",
+                "depth_1_factor": 2.0,
+                "depth_2_factor": 2.0,
+                "depth_3_factor": 1.0,
+                "method": "nearest",
+                "start_percent": 0.0,
+                "end_percent": 1.0,
+                "native_resolution": 0,
+            },
+        }
+        branch("todo", ["todo", 0])
+    return prompt  # fmt: skip
+
+
+def saved_latent(server, entry: dict, node_id: str):
+    from safetensors.torch import load_file
+
+    (latent,) = entry["outputs"][node_id]["latents"]
+    return load_file(str(server.base / "output" / latent.get("subfolder", "") / latent["filename"]))["latent_tensor"]
+
+
+def cached_nodes(entry: dict) -> set[str]:
+    return {node for kind, data in entry["status"]["messages"] if kind == "execution_cached" for node in data["nodes"]}
+
+
+def test_a_todo_branch_never_leaks_into_a_plain_branch(server):
+    alone = server.run_prompt(branch_prompt(with_todo_branch=False))
+    server.post("/free", {"free_memory": True})  # ComfyUI would otherwise serve the plain branch from its cache
+    both = server.run_prompt(branch_prompt(with_todo_branch=True))
+    assert "plain_sample" not in cached_nodes(both), "the plain branch must really run again"
+    plain = saved_latent(server, alone, "plain_save")
+    assert torch.equal(saved_latent(server, both, "plain_save"), plain), "a ToDo branch changed the plain branch"
+    assert not torch.equal(saved_latent(server, both, "todo_save"), plain), "the ToDo branch should differ"
