@@ -6,6 +6,7 @@ Thin on purpose: every decision about grids, factors and downsampling lives in
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 from comfy.patcher_extension import WrappersMP
@@ -27,14 +28,44 @@ from .todo_core.config import (
     MAX_NATIVE_RESOLUTION,
     MIN_FACTOR,
 )
-from .todo_core.patch import run_todo_last
+from .todo_core.dit import (
+    DIT_FAMILIES,
+    LATENT_INFO_KEY,
+    BlockSelection,
+    DiTFamily,
+    LatentInfo,
+    ToDoAttentionOverride,
+)
+from .todo_core.patch import SigmaWindow, run_todo_last
 
 logger = logging.getLogger("comfyui_todo")
 
 DETECT_NATIVE_RESOLUTION = 0
 WRAPPER_KEY = "comfyui_todo"
 TRANSFORMER_OPTIONS_ARG = 5
-"""Position of ``transformer_options`` in UNetModel's diffusion-model wrapper call."""
+"""Position of ``transformer_options`` in the diffusion-model and apply-model wrapper calls."""
+LATENT_ARG, CROSSATTN_ARG = 0, 3
+"""Positions of the latent and the text context in the apply-model wrapper call."""
+OVERRIDE_KEY = "optimized_attention_override"
+DIT_CLASSES = {"Flux": "flux", "MMDiT": "sd3", "QwenImageTransformer2DModel": "qwen_image", "WanModel": "wan"}
+"""Diffusion-model classes (or their bases, matched by exact name) -> supported DiT family."""
+SUPPORTED = "SD1.x, SD2.x and SDXL UNets, Flux, SD3, Qwen-Image and Wan"
+
+
+def dit_family(model) -> DiTFamily | None:
+    """The supported DiT family of a ComfyUI model, with the patch size its diffusion model really uses."""
+    diffusion_model = model.get_model_object("diffusion_model")
+    for cls in type(diffusion_model).__mro__:
+        name = DIT_CLASSES.get(cls.__name__)
+        if name is not None:
+            family = DIT_FAMILIES[name]
+            patch = getattr(diffusion_model, "patch_size", None)
+            if isinstance(patch, int):
+                return dataclasses.replace(family, patch_size=(1, patch, patch))
+            if isinstance(patch, (tuple, list)) and len(patch) == 3:
+                return dataclasses.replace(family, patch_size=tuple(int(p) for p in patch))
+            return family
+    return None
 
 
 def detect_native_resolution(model) -> int:
@@ -122,7 +153,17 @@ class ToDoModelPatch(io.ComfyNode):
                     step=8,
                     tooltip=(
                         "Auto mode: the model's training resolution in pixels. 0 = detect (512 for SD1.x, "
-                        "768 for SD2.x-v, 1024 for SDXL). Set 512 for SD-Turbo and SDXL-Turbo."
+                        "768 for SD2.x-v, 1024 for SDXL, Flux and SD3, 1328 for Qwen-Image, 640 for Wan). "
+                        "Set 512 for SD-Turbo and SDXL-Turbo."
+                    ),
+                ),
+                io.String.Input(
+                    "dit_blocks",
+                    default="all",
+                    tooltip=(
+                        "Diffusion transformers only: the blocks ToDo acts in. 'all', or a comma-separated list of "
+                        "'double', 'single', an index or range ('0-9'), or both ('single:0-19'). Flux has double "
+                        "and single blocks; Qwen-Image and Wan number theirs as double. Ignored for UNets."
                     ),
                 ),
             ],
@@ -135,39 +176,87 @@ class ToDoModelPatch(io.ComfyNode):
         # Linked inputs have no value yet at validation time: check what is known.
         known = {name: value for name, value in inputs.items() if name != "model" and value is not None}
         try:
+            BlockSelection.parse(known.pop("dit_blocks", "all"))
             cls.build_config(model=None, **known)
         except ConfigError as error:
             return str(error)
         return True
 
     @classmethod
-    def build_config(cls, model, native_resolution: int = DETECT_NATIVE_RESOLUTION, **inputs) -> ToDoConfig:
+    def build_config(
+        cls, model, native_resolution: int = DETECT_NATIVE_RESOLUTION, family: DiTFamily | None = None, **inputs
+    ) -> ToDoConfig:
         """Node inputs -> validated config; ``model`` only serves to detect the native resolution."""
         if native_resolution == DETECT_NATIVE_RESOLUTION:
-            native_resolution = detect_native_resolution(model) if model is not None else DEFAULT_NATIVE_RESOLUTION
+            if family is not None:
+                native_resolution = family.native_resolution
+            elif model is not None:
+                native_resolution = detect_native_resolution(model)
+            else:
+                native_resolution = DEFAULT_NATIVE_RESOLUTION
         return ToDoConfig.create(native_resolution=native_resolution, **inputs)
 
     @classmethod
-    def execute(cls, model, **inputs) -> io.NodeOutput:
-        config = cls.build_config(model, **inputs)
+    def execute(cls, model, dit_blocks: str = "all", **inputs) -> io.NodeOutput:
+        blocks = BlockSelection.parse(dit_blocks)
+        family = dit_family(model)
+        config = cls.build_config(model, family=family, **inputs)
         patched = model.clone()
-        if count_self_attention_layers(model) == 0:
+        if family is None and count_self_attention_layers(model) == 0:
             logger.warning(
-                "ToDo: %s has no UNet self-attention blocks; ToDoModelPatch has no effect on it.",
+                "ToDo: %s (%s) is not a model family ToDo supports (%s); ToDoModelPatch leaves it unchanged.",
                 type(model.model).__name__,
+                type(model.get_model_object("diffusion_model")).__name__,
+                SUPPORTED,
             )
             return io.NodeOutput(patched)
+        if config.is_identity:
+            return io.NodeOutput(patched)
 
-        sigma_start = sigma_end = None
+        sigma_window = None
         if not config.covers_whole_schedule:
             model_sampling = model.get_model_object("model_sampling")
-            sigma_start = model_sampling.percent_to_sigma(config.start_percent)
-            sigma_end = model_sampling.percent_to_sigma(config.end_percent)
-        if not config.is_identity:
-            patched.set_model_attn1_patch(ToDoAttn1Patch(config, sigma_start, sigma_end))
+            sigma_window = SigmaWindow.between(
+                model_sampling.percent_to_sigma(config.start_percent),
+                model_sampling.percent_to_sigma(config.end_percent),
+            )
+        if family is not None:
+            add_dit_override(patched, ToDoAttentionOverride(config, family, blocks, sigma_window))
+        else:
+            patched.set_model_attn1_patch(ToDoAttn1Patch(config, sigma_window))
             if not patched.get_wrappers(WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY):
                 patched.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, run_todo_last_wrapper)
         return io.NodeOutput(patched)
+
+
+def add_dit_override(patched, override: ToDoAttentionOverride) -> None:
+    """Register the DiT override on a cloned model, keeping another pack's override inside it.
+
+    Applying the node again replaces ToDo's override instead of stacking a
+    second reduction on the first.
+    """
+    options = patched.model_options.setdefault("transformer_options", {})
+    existing = options.get(OVERRIDE_KEY)
+    if isinstance(existing, ToDoAttentionOverride):
+        existing = existing.inner
+    options[OVERRIDE_KEY] = override.with_inner(existing)
+    if not patched.get_wrappers(WrappersMP.APPLY_MODEL, WRAPPER_KEY):
+        patched.add_wrapper_with_key(WrappersMP.APPLY_MODEL, WRAPPER_KEY, record_latent_wrapper)
+
+
+def record_latent_wrapper(executor, *args, **kwargs):
+    """Keyed apply-model wrapper: tells ToDo's attention override the latent grid and the text length."""
+    x = args[LATENT_ARG] if args else kwargs["x"]
+    context = args[CROSSATTN_ARG] if len(args) > CROSSATTN_ARG else kwargs.get("c_crossattn")
+    frames = x.shape[2] if x.ndim == 5 else 1
+    text_tokens = context.shape[1] if context is not None and context.ndim == 3 else 0
+    latent = LatentInfo(frames, x.shape[-2], x.shape[-1], text_tokens)
+    if len(args) > TRANSFORMER_OPTIONS_ARG:
+        args = list(args)
+        args[TRANSFORMER_OPTIONS_ARG] = {**args[TRANSFORMER_OPTIONS_ARG], LATENT_INFO_KEY: latent}
+    else:
+        kwargs["transformer_options"] = {**kwargs.get("transformer_options", {}), LATENT_INFO_KEY: latent}
+    return executor(*args, **kwargs)
 
 
 def run_todo_last_wrapper(executor, *args, **kwargs):

@@ -39,6 +39,7 @@ def test_loads_through_comfyui_loader_with_its_inputs(node):
         "start_percent",
         "end_percent",
         "native_resolution",
+        "dit_blocks",
     ]
     for name, (_, options) in required.items():
         assert options.get("tooltip"), f"input {name} has no tooltip"

@@ -90,3 +90,18 @@ def test_comfyui_validation_rejects_a_bad_todo_value(checkpoint_stand_ins):
     valid, _, _, node_errors = validate(prompt)
     assert not valid
     assert "depth_1_factor must be between 1 and 8" in json.dumps(node_errors)
+
+
+@pytest.mark.comfyui
+def test_a_workflow_saved_before_dit_blocks_still_validates(checkpoint_stand_ins):
+    """Workflows shared before the node gained ``dit_blocks`` (its last input) load with its default."""
+    workflow = json.loads(WORKFLOWS[0].read_text())
+    todo = next(node for node in workflow["nodes"] if node["type"] == "ToDoModelPatch")
+    assert todo["widgets_values"][-1] == "all"
+    todo["widgets_values"] = todo["widgets_values"][:-1]
+    import nodes
+
+    prompt = to_api_prompt(workflow, nodes.NODE_CLASS_MAPPINGS)
+    assert next(e for e in prompt.values() if e["class_type"] == "ToDoModelPatch")["inputs"]["dit_blocks"] == "all"
+    valid, error, _, node_errors = validate(prompt)
+    assert valid, (error, node_errors)

@@ -14,7 +14,11 @@ def _is_widget(spec: tuple) -> bool:
 
 
 def to_api_prompt(workflow: dict[str, Any], node_classes: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Map links to ``[source_id, slot]`` and widget values to input names in the node's declared order."""
+    """Map links to ``[source_id, slot]`` and widget values to input names in the node's declared order.
+
+    A workflow saved before a node gained an input has fewer widget values: the
+    missing trailing ones take the input's default, as ComfyUI's frontend does.
+    """
     links = {link[0]: link for link in workflow["links"]}
     prompt = {}
     for node in workflow["nodes"]:
@@ -28,7 +32,7 @@ def to_api_prompt(workflow: dict[str, Any], node_classes: dict[str, Any]) -> dic
         for name, spec in specs.items():
             if not _is_widget(spec) or name in linked:
                 continue
-            inputs[name] = next(widgets)
+            inputs[name] = next(widgets, spec[1].get("default") if len(spec) > 1 else None)
             if len(spec) > 1 and spec[1].get("control_after_generate"):
                 next(widgets)  # "randomize" / "fixed": UI-only
         prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}

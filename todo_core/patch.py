@@ -10,7 +10,9 @@ configuration and the call's own arguments.
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,44 +26,65 @@ logger = logging.getLogger("comfyui_todo")
 Tokens = torch.Tensor
 
 
-_warned_kinds: set[str] = set()
+_warned_kinds: dict[str, weakref.ref | None] = {}
+"""Per kind of event: the render it was last reported in (a weak reference to its sigmas), or None."""
 
 
-def warn_once(kind: str, message: str) -> None:
-    """Log one warning per kind of event per process: attention runs thousands of times per image.
+def warn_once(kind: str, message: str, render: torch.Tensor | None = None) -> None:
+    """Log one warning per kind of event per render: attention runs thousands of times per image.
 
-    Only logging state: no patch decision ever depends on it.
+    ``render`` is the ``sample_sigmas`` tensor ComfyUI puts in the transformer
+    options of one sampling run; a new run reports again. Without it (a model
+    called outside a sampler) a kind is reported once per process. Only logging
+    state: no patch decision ever depends on it.
     """
-    if kind not in _warned_kinds:
-        _warned_kinds.add(kind)
-        logger.warning(message)
+    if kind in _warned_kinds:
+        last = _warned_kinds[kind]
+        if render is None or (last is not None and last() is render):
+            return
+    _warned_kinds[kind] = None if render is None else weakref.ref(render)
+    logger.warning(message)
+
+
+@dataclass(frozen=True, slots=True)
+class SigmaWindow:
+    """The part of the schedule where ToDo acts, as sigmas (``low <= sigma <= high``).
+
+    Percents are converted by the model's own sampling schedule once, when the
+    node runs; the hot path only compares one float.
+    """
+
+    low: float
+    high: float
+
+    @classmethod
+    def between(cls, sigma_start: float | None, sigma_end: float | None) -> SigmaWindow | None:
+        """``None`` (the whole schedule) when either bound is unknown."""
+        if sigma_start is None or sigma_end is None:
+            return None
+        return cls(float(sigma_end), float(sigma_start))
+
+    def contains(self, options: Mapping[str, Any]) -> bool:
+        sigmas = options.get("sigmas")
+        if sigmas is None:
+            return True
+        return self.low <= float(sigmas.reshape(-1)[0]) <= self.high
 
 
 class ToDoAttn1Patch:
     """Downsample self-attention keys/values for the depths and sigma range configured.
 
-    ``sigma_start``/``sigma_end`` are the schedule bounds already converted from
-    percents by the model's sampler (start is the larger sigma). ``None`` means
-    the whole schedule, so the hot path never reads the sigma tensor (which
-    would force a device sync on GPUs).
+    ``sigma_window`` holds the schedule bounds already converted from percents
+    by the model's sampler. ``None`` means the whole schedule, so the hot path
+    never reads the sigma tensor (which would force a device sync on GPUs).
     """
 
-    def __init__(self, config: ToDoConfig, sigma_start: float | None = None, sigma_end: float | None = None) -> None:
+    def __init__(self, config: ToDoConfig, sigma_window: SigmaWindow | None = None) -> None:
         self.config = config
-        self.sigma_range = None if sigma_start is None or sigma_end is None else (float(sigma_end), float(sigma_start))
+        self.sigma_window = sigma_window
 
     def __repr__(self) -> str:
-        return f"ToDoAttn1Patch({self.config}, sigma_range={self.sigma_range})"
-
-    def _in_sigma_range(self, extra_options: Mapping[str, Any]) -> bool:
-        if self.sigma_range is None:
-            return True
-        sigmas = extra_options.get("sigmas")
-        if sigmas is None:
-            return True
-        sigma = float(sigmas.reshape(-1)[0])
-        low, high = self.sigma_range
-        return low <= sigma <= high
+        return f"ToDoAttn1Patch({self.config}, {self.sigma_window})"
 
     def grid_for(self, q: Tokens, k: Tokens, v: Tokens, extra_options: Mapping[str, Any]) -> TokenGrid | None:
         """The grid K/V live on, or ``None`` when this call is not spatial self-attention we can reduce."""
@@ -80,14 +103,15 @@ class ToDoAttn1Patch:
                 f"ToDo: attention tokens that do not form the latent grid are left unchanged (first seen: "
                 f"{n_tokens} tokens in block {extra_options.get('block')}, activations "
                 f"{extra_options.get('activations_shape')}, latent {extra_options.get('original_shape')}). "
-                "Expected for temporal attention in video models; reported once.",
+                "Expected for temporal attention in video models; reported once per render.",
+                extra_options.get("sample_sigmas"),
             )
         return grid
 
     def __call__(
         self, q: Tokens, k: Tokens, v: Tokens, extra_options: Mapping[str, Any]
     ) -> tuple[Tokens, Tokens, Tokens]:
-        if not self._in_sigma_range(extra_options):
+        if self.sigma_window is not None and not self.sigma_window.contains(extra_options):
             return q, k, v
         grid = self.grid_for(q, k, v, extra_options)
         if grid is None:
@@ -103,7 +127,8 @@ class ToDoAttn1Patch:
             warn_once(
                 "tiled",
                 f"ToDo: another patch tiles the queries into {tiles} parts and the reduced keys would not split "
-                "evenly among them; those layers are left unchanged (reported once).",
+                "evenly among them; those layers are left unchanged (reported once per render).",
+                extra_options.get("sample_sigmas"),
             )
             return q, k, v
 

@@ -1,0 +1,271 @@
+"""DiT support in todo_core: sequence layouts, the mass-corrected key reduction against an exact oracle, blocks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from todo_core import ConfigError, ToDoConfig
+from todo_core.dit import (
+    DIT_FAMILIES,
+    LATENT_INFO_KEY,
+    BlockSelection,
+    LatentInfo,
+    SequenceLayout,
+    ToDoAttentionOverride,
+    reduce_keys,
+    resolve_layout,
+    select_keys,
+)
+from todo_core.patch import SigmaWindow, _warned_kinds
+
+FLUX = DIT_FAMILIES["flux"]
+WAN = DIT_FAMILIES["wan"]
+
+
+def naive_group_starts(side: int, factor: float) -> list[int]:
+    """Rows kept by nearest sampling, computed the slow way: floor(i * f) for ceil(side / f) rows."""
+    count = math.ceil(side / factor - 1e-9)
+    return [min(side - 1, math.floor(i * factor + 1e-9)) for i in range(count)]
+
+
+def representative(side: int, factor: float) -> list[int]:
+    """For every row: the kept row of its group (the last kept row not after it)."""
+    starts = naive_group_starts(side, factor)
+    return [max(s for s in starts if s <= row) for row in range(side)]
+
+
+def oracle_keys(layout: SequenceLayout, factor: float) -> torch.Tensor:
+    """Full-length key positions where every image key is replaced by its group's kept key."""
+    rows, cols = representative(layout.height, factor), representative(layout.width, factor)
+    positions = list(range(layout.prefix))
+    for frame in range(layout.frames):
+        base = layout.prefix + frame * layout.height * layout.width
+        positions += [
+            base + rows[r] * layout.width + cols[c] for r in range(layout.height) for c in range(layout.width)
+        ]
+    start = layout.prefix + layout.image_tokens
+    positions += list(range(start, start + layout.suffix))
+    return torch.tensor(positions)
+
+
+def attention(q, k, v, mask=None):
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if mask is not None:
+        scores = scores + mask
+    return scores.softmax(-1) @ v
+
+
+def random_qkv(layout: SequenceLayout, heads: int = 2, dim: int = 8, seed: int = 0, dtype=torch.float64):
+    generator = torch.Generator().manual_seed(seed)
+    shape = (2, heads, layout.tokens, dim)
+    return tuple(torch.randn(shape, generator=generator, dtype=dtype) for _ in range(3))
+
+
+@pytest.mark.parametrize("factor", [2, 3, 4, 1.5, 2.5])
+@pytest.mark.parametrize(
+    "layout",
+    [
+        SequenceLayout(5, 1, 8, 8, 0),  # text first, grid divides
+        SequenceLayout(7, 1, 9, 13, 0),  # uneven border groups
+        SequenceLayout(3, 1, 11, 6, 4),  # reference tokens after the image
+        SequenceLayout(0, 3, 5, 7, 0),  # video frames, image only
+    ],
+)
+def test_mass_corrected_attention_equals_the_group_replaced_oracle(layout, factor):
+    q, k, v = random_qkv(layout)
+    k_small, v_small, mask = reduce_keys(k, v, None, layout, factor, sequence_dim=2)
+    positions = oracle_keys(layout, factor)
+    expected = attention(q, k[:, :, positions], v[:, :, positions])
+    torch.testing.assert_close(attention(q, k_small, v_small, mask), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_uncorrected_subsampling_drifts_from_the_oracle():
+    """Without the log(group size) bias the text keys get f² times too much weight: the test above could fail."""
+    layout = SequenceLayout(5, 1, 8, 8, 0)
+    q, k, v = random_qkv(layout)
+    k_small, v_small, mask = reduce_keys(k, v, None, layout, 2, sequence_dim=2, mass_correction=False)
+    assert mask is None
+    expected = attention(q, k[:, :, oracle_keys(layout, 2)], v[:, :, oracle_keys(layout, 2)])
+    assert (attention(q, k_small, v_small) - expected).abs().max() > 1e-3
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    prefix=st.integers(0, 6),
+    frames=st.integers(1, 2),
+    height=st.integers(1, 17),
+    width=st.integers(1, 17),
+    suffix=st.integers(0, 3),
+    factor=st.sampled_from([1.25, 2, 3, 4, 8]),
+)
+def test_kept_keys_and_group_sizes_match_the_naive_reference(prefix, frames, height, width, suffix, factor):
+    layout = SequenceLayout(prefix, frames, height, width, suffix)
+    selection = select_keys(layout, factor, torch.device("cpu"))
+    rows, cols = naive_group_starts(height, factor), naive_group_starts(width, factor)
+    kept, sizes = list(range(prefix)), [1] * prefix
+    row_sizes = [b - a for a, b in zip(rows, [*rows[1:], height], strict=True)]
+    col_sizes = [b - a for a, b in zip(cols, [*cols[1:], width], strict=True)]
+    for frame in range(frames):
+        base = prefix + frame * height * width
+        for r, rs in zip(rows, row_sizes, strict=True):
+            for c, cs in zip(cols, col_sizes, strict=True):
+                kept.append(base + r * width + c)
+                sizes.append(rs * cs)
+    kept += list(range(prefix + frames * height * width, layout.tokens))
+    sizes += [1] * suffix
+    assert selection.indices.tolist() == kept
+    torch.testing.assert_close(selection.log_group_size, torch.tensor(sizes, dtype=torch.float32).log())
+    assert sum(sizes) == layout.tokens  # the groups partition the keys
+
+
+def test_uniform_image_only_groups_need_no_mask_and_keep_the_callers_mask():
+    layout = SequenceLayout(0, 1, 8, 8, 0)
+    _q, k, v = random_qkv(layout)
+    _, _, mask = reduce_keys(k, v, None, layout, 2, sequence_dim=2)
+    assert mask is None  # a constant bias cancels in the softmax: the backend keeps its mask-free kernel
+    own = torch.zeros(1, 1, 1, layout.tokens, dtype=k.dtype)
+    own[..., 0] = -math.inf
+    _, _, mask = reduce_keys(k, v, own, layout, 2, sequence_dim=2)
+    assert mask.shape[-1] == 16 and mask[..., 0].item() == -math.inf and mask[..., 1:].eq(0).all()
+
+
+def test_boolean_masks_become_additive_and_are_reduced_with_the_keys():
+    layout = SequenceLayout(2, 1, 4, 4, 0)
+    _q, k, v = random_qkv(layout)
+    keep = torch.ones(1, layout.tokens, dtype=torch.bool)
+    keep[0, 1] = False  # a padded text token
+    _, _, mask = reduce_keys(k, v, keep, layout, 2, sequence_dim=2)
+    assert mask.dtype == k.dtype and mask.shape[-1] == 2 + 4
+    assert mask[..., 1].item() == -math.inf
+    torch.testing.assert_close(mask[..., 2:].reshape(-1), torch.full((4,), math.log(4), dtype=k.dtype))
+
+
+@pytest.mark.parametrize(
+    ("n_tokens", "latent", "family", "expected"),
+    [
+        (77 + 64 * 64, LatentInfo(1, 128, 128, 77), FLUX, SequenceLayout(77, 1, 64, 64, 0)),
+        (77 + 64 * 64, LatentInfo(1, 127, 128, 77), FLUX, SequenceLayout(77, 1, 64, 64, 0)),  # odd side: padded
+        (512 + 2 * 4096, LatentInfo(1, 128, 128, 512), FLUX, SequenceLayout(512, 1, 64, 64, 4096)),  # Kontext
+        (64 * 64, LatentInfo(1, 128, 128, 333), DIT_FAMILIES["sd3"], SequenceLayout(0, 1, 64, 64, 0)),
+        (21 * 30 * 52, LatentInfo(21, 60, 104, 512), WAN, SequenceLayout(0, 21, 30, 52, 0)),
+        (77 + 100, LatentInfo(1, 128, 128, 77), FLUX, None),  # fewer tokens than the grid
+        (1001, LatentInfo(3, 60, 104, 0), WAN, None),
+    ],
+)
+def test_layouts(n_tokens, latent, family, expected):
+    assert resolve_layout(n_tokens, latent, family) == expected
+
+
+def test_block_selection():
+    assert BlockSelection.parse("all").is_all and BlockSelection.parse("  ").is_all
+    selection = BlockSelection.parse("double, single:0-9, 30")
+    assert selection.contains("double", 18)
+    assert selection.contains("single", 9) and not selection.contains("single", 10)
+    assert selection.contains("single", 30)
+    assert BlockSelection.parse("single 3-4").contains("single", 4)
+    for bad in ("doubles", "3-1", "a-b", "1,,2", 5):
+        with pytest.raises(ConfigError, match="dit_blocks"):
+            BlockSelection.parse(bad)
+
+
+def sdpa_backend(q, k, v, heads, mask=None, skip_reshape=False, **kwargs):
+    """A stand-in for a ComfyUI attention backend with its calling convention."""
+    if not skip_reshape:
+        b, _n, _ = q.shape
+        q, k, v = (t.view(b, -1, heads, t.shape[-1] // heads).transpose(1, 2) for t in (q, k, v))
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return out if skip_reshape else out.transpose(1, 2).reshape(out.shape[0], -1, heads * out.shape[-1])
+
+
+def flux_override(**config):
+    return ToDoAttentionOverride(ToDoConfig.create(mode="manual", **config), FLUX, BlockSelection.parse("all"))
+
+
+def test_override_reduces_only_the_image_keys_of_joint_attention():
+    latent = LatentInfo(1, 18, 22, 6)  # grid 9 x 11: uneven border groups
+    layout = resolve_layout(6 + 99, latent, FLUX)
+    q, k, v = random_qkv(layout, dtype=torch.float32)
+    seen = []
+
+    def backend(q, k, v, heads, mask=None, **kwargs):
+        seen.append((k.shape[2], None if mask is None else mask.shape))
+        return sdpa_backend(q, k, v, heads, mask=mask, **kwargs)
+
+    options = {LATENT_INFO_KEY: latent}
+    out = flux_override(depth_1_factor=2)(backend, q, k, v, 2, skip_reshape=True, transformer_options=options)
+    assert seen == [(6 + 5 * 6, (1, 1, 1, 6 + 5 * 6))]
+    positions = oracle_keys(layout, 2)
+    torch.testing.assert_close(out, attention(q, k[:, :, positions], v[:, :, positions]), rtol=1e-5, atol=1e-5)
+
+
+def test_override_flat_layout_positional_mask_and_an_inner_override():
+    latent = LatentInfo(1, 8, 8, 3)
+    layout = resolve_layout(3 + 16, latent, FLUX)
+    q, k, v = (t.transpose(1, 2).reshape(2, layout.tokens, -1) for t in random_qkv(layout, dtype=torch.float32))
+    inner_calls = []
+
+    def inner(attention_fn, *args, **kwargs):
+        inner_calls.append(args[1].shape[1])
+        return attention_fn(*args, **kwargs)
+
+    override = ToDoAttentionOverride(
+        ToDoConfig.create(mode="manual", depth_1_factor=2), FLUX, BlockSelection.parse("all"), inner=inner
+    )
+    out = override(sdpa_backend, q, k, v, 2, None, transformer_options={LATENT_INFO_KEY: latent})
+    assert inner_calls == [3 + 4]
+    assert out.shape == q.shape
+
+
+def test_override_passes_through_what_it_must_not_touch(caplog):
+    latent = LatentInfo(1, 16, 16, 4)
+    layout = resolve_layout(4 + 64, latent, FLUX)
+    q, k, v = random_qkv(layout, dtype=torch.float32)
+    calls = []
+
+    def backend(q, k, v, heads, **kwargs):
+        calls.append(k.shape[2])
+        return q
+
+    override = ToDoAttentionOverride(
+        ToDoConfig.create(mode="manual", depth_1_factor=2),
+        FLUX,
+        BlockSelection.parse("single"),
+        sigma_window=SigmaWindow(0.5, 1.0),
+    )
+    base = {LATENT_INFO_KEY: latent, "block_type": "single", "block_index": 0}
+    override(backend, q, k, v, 2, skip_reshape=True, transformer_options={**base, "sigmas": torch.tensor([0.7])})
+    override(backend, q, k, v, 2, skip_reshape=True, transformer_options={**base, "sigmas": torch.tensor([0.2])})
+    override(backend, q, k, v, 2, skip_reshape=True, transformer_options={**base, "block_type": "double"})
+    override(backend, q, k, v, 2, skip_reshape=True, transformer_options={})  # no latent recorded
+    override(backend, q, k[:, :, :10], v[:, :, :10], 2, skip_reshape=True, transformer_options=base)  # cross
+    assert calls == [4 + 16, 68, 68, 68, 10]
+
+    _warned_kinds.clear()
+    with caplog.at_level("WARNING", logger="comfyui_todo"):
+        render = torch.tensor([1.0, 0.0])
+        for _ in range(5):
+            override(
+                backend,
+                q[:, :, :50],
+                k[:, :, :50],
+                v[:, :, :50],
+                2,
+                skip_reshape=True,
+                transformer_options={**base, "sample_sigmas": render},
+            )
+    assert calls[-5:] == [50] * 5
+    assert len([r for r in caplog.records if "does not hold" in r.message]) == 1
+
+
+def test_identity_and_auto_budget():
+    layout = SequenceLayout(4, 1, 64, 64, 0)
+    auto = ToDoAttentionOverride(ToDoConfig.create(native_resolution=1024), FLUX, BlockSelection.parse("all"))
+    assert auto.factor_for(layout) == 1.0  # 1024 px Flux: 64 x 64 tokens, as trained
+    assert auto.factor_for(SequenceLayout(4, 1, 128, 128, 0)) == 2.0  # 2048 px
+    manual = flux_override(depth_1_factor=1)
+    assert manual.factor_for(layout) == 1.0

@@ -1,0 +1,343 @@
+"""ToDo for diffusion transformers: image keys/values downsampled inside joint attention, mass-corrected.
+
+A DiT block attends over one sequence that holds text tokens and the image's
+patch tokens (Flux, SD3 and Qwen-Image put the text first; reference latents
+follow the image). Keeping one key of every ``f x f`` group of image tokens
+makes each kept key stand for the ``f**2`` keys it replaces, while every text
+key still stands for itself: plain subsampling shifts softmax mass from the
+image to the text. Adding ``log(group size)`` to the logit of each kept key
+gives it the weight of its whole group, so that attention over the kept keys
+equals attention over the full sequence in which every key and value of a group
+is replaced by the group's kept key and value. Groups are the nearest-sampling
+cells: ``f x f`` inside the grid, smaller at a border the factor does not
+divide, each with its own exact bias.
+
+Nothing here imports ComfyUI. The node layer records the latent shape and the
+text length per model call and registers :class:`ToDoAttentionOverride` as
+ComfyUI's ``optimized_attention_override``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .choices import ConfigError
+from .config import ToDoConfig
+from .downsample import nearest_indices, output_side
+from .patch import SigmaWindow, warn_once
+
+LATENT_INFO_KEY = "todo_latent"
+"""``transformer_options`` entry in which the node's model wrapper records a :class:`LatentInfo`."""
+
+
+@dataclass(frozen=True, slots=True)
+class DiTFamily:
+    """What ToDo needs to know of a DiT family to find its image tokens."""
+
+    name: str
+    patch_size: tuple[int, int, int]
+    """Latent cells per token along (frames, height, width)."""
+    native_resolution: int
+    """Training resolution in pixels (square side): the auto mode's token budget."""
+    video: bool = False
+    """Self-attention over all frames of a video latent, image tokens only."""
+
+
+DIT_FAMILIES: dict[str, DiTFamily] = {
+    family.name: family
+    for family in (
+        DiTFamily("flux", (1, 2, 2), 1024),
+        DiTFamily("sd3", (1, 2, 2), 1024),
+        DiTFamily("qwen_image", (1, 2, 2), 1328),
+        DiTFamily("wan", (1, 2, 2), 640, video=True),
+    )
+}
+"""Supported families. Wan's native side is that of its 832x480 training area."""
+
+
+@dataclass(frozen=True, slots=True)
+class LatentInfo:
+    """Per model call: the latent ``(frames, height, width)`` and the number of text tokens."""
+
+    frames: int
+    height: int
+    width: int
+    text_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class SequenceLayout:
+    """Where the image grid sits in an attention sequence: ``prefix | frames x height x width | suffix``."""
+
+    prefix: int
+    frames: int
+    height: int
+    width: int
+    suffix: int
+
+    @property
+    def image_tokens(self) -> int:
+        return self.frames * self.height * self.width
+
+    @property
+    def tokens(self) -> int:
+        return self.prefix + self.image_tokens + self.suffix
+
+
+def token_grid(latent: LatentInfo, patch_size: tuple[int, int, int]) -> tuple[int, int, int]:
+    """Token grid of a latent: every DiT pads the latent to whole patches before patchifying."""
+    pt, ph, pw = patch_size
+    return -(-latent.frames // pt), -(-latent.height // ph), -(-latent.width // pw)
+
+
+def resolve_layout(n_tokens: int, latent: LatentInfo, family: DiTFamily) -> SequenceLayout | None:
+    """Place the image grid in a sequence of ``n_tokens`` keys, or ``None`` when it does not fit.
+
+    Image-only attention (SD3.5's extra self-attention, every Wan block) holds
+    exactly the grid, one or more frames of it; joint attention holds the text
+    first, then the grid, then any reference-latent tokens, which are kept.
+    """
+    frames, height, width = token_grid(latent, family.patch_size)
+    per_frame = height * width
+    if per_frame == 0:
+        return None
+    if family.video:
+        if n_tokens % per_frame:
+            return None
+        return SequenceLayout(0, n_tokens // per_frame, height, width, 0)
+    if n_tokens == frames * per_frame:
+        return SequenceLayout(0, frames, height, width, 0)
+    suffix = n_tokens - latent.text_tokens - frames * per_frame
+    if suffix < 0:
+        return None
+    return SequenceLayout(latent.text_tokens, frames, height, width, suffix)
+
+
+def _group_sizes(side: int, factor: float) -> list[int]:
+    """Sizes of the nearest-sampling groups along one side: each kept row stands for the rows up to the next."""
+    starts = nearest_indices(side, factor, torch.device("cpu")).tolist()
+    return [end - start for start, end in zip(starts, [*starts[1:], side], strict=True)]
+
+
+@dataclass(frozen=True)
+class KeySelection:
+    """The keys ToDo keeps in one layout, and the log of how many keys each stands for."""
+
+    indices: torch.Tensor
+    """Positions of the kept keys in the full sequence (text and suffix all kept)."""
+    log_group_size: torch.Tensor
+    """Per kept key: ``log(group size)``; 0 for text and suffix keys."""
+    uniform: bool
+    """All kept keys stand for the same number of keys: the correction is a constant and cancels."""
+
+
+@functools.lru_cache(maxsize=256)
+def select_keys(
+    layout: SequenceLayout, factor: float, device: torch.device, dtype: torch.dtype = torch.float32
+) -> KeySelection:
+    """Memoised per layout, factor, device and dtype: the same few layouts recur in every block and step."""
+    rows = nearest_indices(layout.height, factor, torch.device("cpu"))
+    cols = nearest_indices(layout.width, factor, torch.device("cpu"))
+    per_frame = (rows[:, None] * layout.width + cols[None, :]).reshape(-1)
+    frame_offsets = torch.arange(layout.frames)[:, None] * (layout.height * layout.width)
+    image = (frame_offsets + per_frame[None, :]).reshape(-1) + layout.prefix
+    suffix_start = layout.prefix + layout.image_tokens
+    indices = torch.cat((torch.arange(layout.prefix), image, torch.arange(suffix_start, suffix_start + layout.suffix)))
+
+    row_sizes = torch.tensor(_group_sizes(layout.height, factor), dtype=torch.float64)
+    col_sizes = torch.tensor(_group_sizes(layout.width, factor), dtype=torch.float64)
+    group = (row_sizes[:, None] * col_sizes[None, :]).reshape(-1).repeat(layout.frames)
+    log_group = torch.cat(
+        (torch.zeros(layout.prefix, dtype=torch.float64), group.log(), torch.zeros(layout.suffix, dtype=torch.float64))
+    )
+    uniform = layout.prefix == 0 and layout.suffix == 0 and bool((group == group[0]).all())
+    return KeySelection(indices.to(device), log_group.to(device=device, dtype=dtype), uniform)
+
+
+def reduce_keys(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    layout: SequenceLayout,
+    factor: float,
+    sequence_dim: int,
+    mass_correction: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Keys, values and additive mask for attention over the kept keys only.
+
+    ``mask`` is the caller's own mask over the full key sequence (float or
+    boolean, last dimension = keys), or ``None``. The returned mask adds
+    ``log(group size)`` to every kept key's logit; it is ``None`` when nothing
+    needs adding, so the attention backend keeps its fastest, mask-free kernel.
+    """
+    selection = select_keys(layout, factor, k.device, k.dtype)
+    k_small = k.index_select(sequence_dim, selection.indices)
+    v_small = k_small if v is k else v.index_select(sequence_dim, selection.indices)
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            mask = torch.zeros(mask.shape, dtype=k.dtype, device=mask.device).masked_fill_(~mask, -math.inf)
+        mask = mask.index_select(-1, selection.indices.to(mask.device))
+    if mass_correction and not selection.uniform:
+        bias = selection.log_group_size.view(1, 1, 1, -1)
+        mask = bias if mask is None else mask + bias.to(mask.device)
+    return k_small, v_small, mask
+
+
+_BLOCK_ITEM = re.compile(r"^(?:(double|single)\s*(?::\s*)?)?(?:(\d+)\s*(?:-\s*(\d+))?)?$")
+
+
+@dataclass(frozen=True, slots=True)
+class BlockSelection:
+    """Which transformer blocks ToDo acts in, parsed from the node's ``dit_blocks`` text.
+
+    ``all``; or a comma-separated list of ``double``, ``single``, an index or
+    range (``0-9``, any block type), or both (``single:0-19``). Flux has double
+    and single blocks, Qwen-Image and Wan report theirs as double.
+    """
+
+    items: tuple[tuple[str | None, int, int], ...] | None
+    """(block type or None for any, first, last); ``None`` selects every block."""
+
+    @classmethod
+    def parse(cls, text: str) -> BlockSelection:
+        if not isinstance(text, str):
+            raise ConfigError(f"dit_blocks must be text such as 'all' or 'double, single:0-19'; got {text!r}")
+        if text.strip().lower() in ("", "all"):
+            return cls(None)
+        items = []
+        for raw in text.lower().split(","):
+            match = _BLOCK_ITEM.match(raw.strip())
+            if match is None or not raw.strip():
+                raise ConfigError(
+                    f"dit_blocks: cannot read {raw.strip()!r}; use 'all', 'double', 'single', "
+                    "an index or range like '0-9', or 'single:0-19', separated by commas"
+                )
+            block_type, first, last = match.groups()
+            low = int(first) if first is not None else 0
+            high = int(last) if last is not None else (low if first is not None else math.inf)
+            if high < low:
+                raise ConfigError(f"dit_blocks: range {raw.strip()!r} ends before it starts")
+            items.append((block_type, low, high))
+        return cls(tuple(items))
+
+    @property
+    def is_all(self) -> bool:
+        return self.items is None
+
+    def contains(self, block_type: str | None, block_index: int | None) -> bool:
+        if self.items is None:
+            return True
+        return any(
+            (kind is None or kind == block_type) and low <= block_index <= high for kind, low, high in self.items
+        )
+
+
+AttentionOverride = Callable[..., torch.Tensor]
+
+
+class ToDoAttentionOverride:
+    """ComfyUI's ``optimized_attention_override`` for DiTs: the attention backend runs on the kept keys.
+
+    Called as ``override(attention, q, k, v, heads, mask=..., skip_reshape=...,
+    transformer_options=...)`` in place of the selected attention backend. It
+    holds no state between calls; an override already registered on the model
+    (another pack's) is kept and called with the reduced keys.
+    """
+
+    def __init__(
+        self,
+        config: ToDoConfig,
+        family: DiTFamily,
+        blocks: BlockSelection,
+        sigma_window: SigmaWindow | None = None,
+        inner: AttentionOverride | None = None,
+        mass_correction: bool = True,
+    ) -> None:
+        self.config = config
+        self.family = family
+        self.blocks = blocks
+        self.sigma_window = sigma_window
+        self.inner = inner
+        self.mass_correction = mass_correction
+
+    def __repr__(self) -> str:
+        return f"ToDoAttentionOverride({self.family.name}, {self.config}, blocks={self.blocks}, {self.sigma_window})"
+
+    def with_inner(self, inner: AttentionOverride | None) -> ToDoAttentionOverride:
+        """The same override around another one (an override registered before ToDo's)."""
+        return ToDoAttentionOverride(
+            self.config, self.family, self.blocks, self.sigma_window, inner, self.mass_correction
+        )
+
+    def _call(self, attention: AttentionOverride, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.inner is not None:
+            return self.inner(attention, *args, **kwargs)
+        return attention(*args, **kwargs)
+
+    def factor_for(self, layout: SequenceLayout) -> float:
+        return self.config.image_token_factor(layout.height, layout.width, self.family.patch_size[1])
+
+    def plan(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> tuple[SequenceLayout, float] | None:
+        """The layout and factor for this call, or ``None`` to leave it exactly as it is."""
+        options = kwargs.get("transformer_options") or {}
+        latent = options.get(LATENT_INFO_KEY)
+        if latent is None or len(args) < 3:
+            return None
+        q, k, v = args[:3]
+        if self.sigma_window is not None and not self.sigma_window.contains(options):
+            return None
+        if not self._block_selected(options):
+            return None
+        sequence_dim = 2 if kwargs.get("skip_reshape", False) else 1
+        if k.shape != v.shape or q.ndim != k.ndim or q.shape[sequence_dim] != k.shape[sequence_dim]:
+            return None  # cross-attention (Wan's text, image-prompt tokens): nothing to reduce
+        layout = resolve_layout(k.shape[sequence_dim], latent, self.family)
+        if layout is None:
+            warn_once(
+                "dit-layout",
+                f"ToDo: {self.family.name} attention over {k.shape[sequence_dim]} tokens does not hold the "
+                f"{latent.height}x{latent.width} latent's image grid; those calls are left unchanged.",
+                options.get("sample_sigmas"),
+            )
+            return None
+        factor = self.factor_for(layout)
+        if factor <= 1.0 or output_side(layout.height, factor) * output_side(layout.width, factor) <= 1:
+            return None
+        return layout, factor
+
+    def _block_selected(self, options: Mapping[str, Any]) -> bool:
+        if self.blocks.is_all:
+            return True
+        block_index = options.get("block_index")
+        if block_index is None:
+            warn_once(
+                "dit-blocks",
+                f"ToDo: {self.family.name} does not report block indices; dit_blocks cannot select among its "
+                "blocks and ToDo acts in all of them.",
+                options.get("sample_sigmas"),
+            )
+            return True
+        return self.blocks.contains(options.get("block_type"), block_index)
+
+    def __call__(self, attention: AttentionOverride, *args: Any, **kwargs: Any) -> torch.Tensor:
+        plan = self.plan(args, kwargs)
+        if plan is None:
+            return self._call(attention, *args, **kwargs)
+        layout, factor = plan
+        q, k, v, *rest = args
+        # The mask is the fifth positional argument of every ComfyUI backend, or a keyword.
+        mask = rest[1] if len(rest) >= 2 else kwargs.pop("mask", None)
+        sequence_dim = 2 if kwargs.get("skip_reshape", False) else 1
+        k, v, mask = reduce_keys(k, v, mask, layout, factor, sequence_dim, self.mass_correction)
+        if len(rest) >= 2:
+            rest[1] = mask
+        elif mask is not None:
+            kwargs["mask"] = mask
+        return self._call(attention, q, k, v, *rest, **kwargs)
