@@ -47,8 +47,13 @@ TRANSFORMER_OPTIONS_ARG = 5
 LATENT_ARG, CROSSATTN_ARG = 0, 3
 """Positions of the latent and the text context in the apply-model wrapper call."""
 OVERRIDE_KEY = "optimized_attention_override"
-DIT_CLASSES = {"Flux": "flux", "MMDiT": "sd3", "QwenImageTransformer2DModel": "qwen_image", "WanModel": "wan"}
-"""Diffusion-model classes (or their bases, matched by exact name) -> supported DiT family."""
+DIT_CLASSES = {
+    "comfy.ldm.flux.model.Flux": "flux",
+    "comfy.ldm.modules.diffusionmodules.mmdit.MMDiT": "sd3",
+    "comfy.ldm.qwen_image.model.QwenImageTransformer2DModel": "qwen_image",
+    "comfy.ldm.wan.model.WanModel": "wan",
+}
+"""Diffusion-model classes (or their bases) by full path -> supported DiT family. AuraFlow's is also called MMDiT."""
 SUPPORTED = "SD1.x, SD2.x and SDXL UNets, Flux, SD3, Qwen-Image and Wan"
 
 
@@ -56,7 +61,7 @@ def dit_family(model) -> DiTFamily | None:
     """The supported DiT family of a ComfyUI model, with the patch size its diffusion model really uses."""
     diffusion_model = model.get_model_object("diffusion_model")
     for cls in type(diffusion_model).__mro__:
-        name = DIT_CLASSES.get(cls.__name__)
+        name = DIT_CLASSES.get(f"{cls.__module__}.{cls.__qualname__}")
         if name is not None:
             family = DIT_FAMILIES[name]
             patch = getattr(diffusion_model, "patch_size", None)

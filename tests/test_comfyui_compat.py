@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 import torch
 from comfy_support import Probe, apply_node, forward, run_node, tiny_model
@@ -131,31 +129,3 @@ def test_temporal_blocks_pass_through(node):
     temporal = [c for c in probe.calls if c.q_tokens == frames]
     assert spatial and all(c.kv_tokens == 6 * 5 for c in spatial)
     assert temporal and all(c.kv_tokens == frames for c in temporal)
-
-
-def test_dit_model_gets_one_clear_warning_and_no_crash(node, caplog):
-    import dataclasses
-
-    import comfy.model_base
-    import comfy.model_patcher
-    import comfy.supported_models
-    from comfy.ldm.flux.model import FluxParams
-
-    flux_config = {
-        "image_model": "flux", "guidance_embed": True, "in_channels": 16, "out_channels": 16, "vec_in_dim": 32,
-        "context_in_dim": 32, "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2, "depth": 1,
-        "depth_single_blocks": 1, "axes_dim": [8, 12, 12], "theta": 10000, "patch_size": 2, "qkv_bias": True,
-    }  # fmt: skip
-    if "txt_ids_dims" in {f.name for f in dataclasses.fields(FluxParams)}:  # newer ComfyUI
-        flux_config["txt_ids_dims"] = []
-    config = comfy.supported_models.Flux(flux_config)
-    config.set_inference_dtype(torch.float32, None)
-    cpu = torch.device("cpu")
-    flux = comfy.model_patcher.ModelPatcher(
-        comfy.model_base.Flux(config, device=cpu), load_device=cpu, offload_device=cpu
-    )
-    with caplog.at_level(logging.WARNING, logger="comfyui_todo"):
-        patched = apply_node(node, flux)
-    warnings = [r.message for r in caplog.records if r.name == "comfyui_todo"]
-    assert len(warnings) == 1 and "Flux" in warnings[0] and "no effect" in warnings[0]
-    assert patched is not flux

@@ -296,8 +296,12 @@ class ToDoAttentionOverride:
         if not self._block_selected(options):
             return None
         sequence_dim = 2 if kwargs.get("skip_reshape", False) else 1
-        if k.shape != v.shape or q.ndim != k.ndim or q.shape[sequence_dim] != k.shape[sequence_dim]:
+        # SD3 hands v over with its heads split out: compare only batch and sequence.
+        same_keys = k.shape[: sequence_dim + 1] == v.shape[: sequence_dim + 1]
+        if not same_keys or q.ndim != k.ndim or q.shape[sequence_dim] != k.shape[sequence_dim]:
             return None  # cross-attention (Wan's text, image-prompt tokens): nothing to reduce
+        if self.family.video and k.shape[sequence_dim] == latent.text_tokens:
+            return None  # Wan's cross-attention looks like self-attention when the text is as long as the video
         layout = resolve_layout(k.shape[sequence_dim], latent, self.family)
         if layout is None:
             warn_once(
