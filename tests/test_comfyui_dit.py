@@ -266,3 +266,54 @@ def test_start_percent_leaves_the_first_step_unreduced(node, dits, kind):
 def test_probe_is_shared_by_clones():
     probe = DiTProbe()
     assert copy.deepcopy({"x": probe})["x"] is probe
+
+
+@pytest.mark.parametrize(
+    "backend", ["attention_basic", "attention_sub_quad", "attention_split", "attention_pytorch", "attention_sage"]
+)
+@pytest.mark.parametrize("skip_reshape", [True, False])
+def test_every_comfyui_backend_computes_the_mass_corrected_oracle(backend, skip_reshape):
+    """The correction mask is honoured by each of ComfyUI's own backends (or SDPA stands in for one that cannot)."""
+    import_comfyui()
+    import comfy.ldm.modules.attention as attention_module
+
+    from todo_core import ToDoConfig
+    from todo_core.dit import (
+        DIT_FAMILIES,
+        LATENT_INFO_KEY,
+        BlockSelection,
+        LatentInfo,
+        ToDoAttentionOverride,
+        resolve_layout,
+        select_keys,
+    )
+
+    if backend == "attention_sage":  # SageAttention needs CUDA: a stand-in that ignores the mask as it does
+
+        def attention_sage(q, k, v, heads, mask=None, **kwargs):
+            return attention_module.attention_pytorch(q, k, v, heads, **kwargs)
+
+        function = attention_sage
+    else:
+        function = getattr(attention_module, backend)
+    latent = LatentInfo(1, 18, 22, 5)  # token grid 9 x 11: uneven border groups
+    layout = resolve_layout(5 + 99, latent, DIT_FAMILIES["flux"])
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, layout.tokens, 16, generator=generator) for _ in range(3))
+    selection = select_keys(layout, 2, torch.device("cpu"))
+    groups = selection.log_group_size.exp().round().long()
+    full_positions = torch.repeat_interleave(torch.arange(len(groups)), groups)  # group-replaced keys, any order
+    expected = (
+        torch.nn.functional.scaled_dot_product_attention(
+            q, k[:, :, selection.indices[full_positions]], v[:, :, selection.indices[full_positions]]
+        )
+        .transpose(1, 2)
+        .reshape(2, layout.tokens, -1)
+    )
+    if not skip_reshape:
+        q, k, v = (t.transpose(1, 2).reshape(2, layout.tokens, -1) for t in (q, k, v))
+    override = ToDoAttentionOverride(
+        ToDoConfig.create(mode="manual", depth_1_factor=2), DIT_FAMILIES["flux"], BlockSelection.parse("all")
+    )
+    out = override(function, q, k, v, 2, skip_reshape=skip_reshape, transformer_options={LATENT_INFO_KEY: latent})
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)

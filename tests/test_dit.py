@@ -19,6 +19,7 @@ from todo_core.dit import (
     ToDoAttentionOverride,
     reduce_keys,
     resolve_layout,
+    sdpa_attention,
     select_keys,
 )
 from todo_core.patch import SigmaWindow, _warned_kinds
@@ -269,3 +270,29 @@ def test_identity_and_auto_budget():
     assert auto.factor_for(SequenceLayout(4, 1, 128, 128, 0)) == 2.0  # 2048 px
     manual = flux_override(depth_1_factor=1)
     assert manual.factor_for(layout) == 1.0
+
+
+@pytest.mark.parametrize("skip_reshape", [True, False])
+def test_backends_that_ignore_masks_are_replaced_by_sdpa_for_corrected_calls(skip_reshape, caplog):
+    latent = LatentInfo(1, 8, 8, 3)
+    layout = resolve_layout(3 + 16, latent, FLUX)
+    q, k, v = random_qkv(layout, dtype=torch.float32)
+    if not skip_reshape:
+        q, k, v = (t.transpose(1, 2).reshape(2, layout.tokens, -1) for t in (q, k, v))
+    ignored = []
+
+    def attention_sage(q, k, v, heads, mask=None, **kwargs):  # SageAttention 2 drops the mask silently
+        ignored.append(mask)
+        return sdpa_attention(q, k, v, heads, **kwargs)
+
+    _warned_kinds.clear()
+    with caplog.at_level("WARNING", logger="comfyui_todo"):
+        out = flux_override(depth_1_factor=2)(
+            attention_sage, q, k, v, 2, skip_reshape=skip_reshape, transformer_options={LATENT_INFO_KEY: latent}
+        )
+    assert ignored == []
+    assert any("attention_sage" in r.message for r in caplog.records)
+    qh, kh, vh = random_qkv(layout, dtype=torch.float32)
+    positions = oracle_keys(layout, 2)
+    expected = attention(qh, kh[:, :, positions], vh[:, :, positions]).transpose(1, 2).reshape(2, layout.tokens, -1)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)

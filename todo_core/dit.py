@@ -241,6 +241,35 @@ class BlockSelection:
 
 AttentionOverride = Callable[..., torch.Tensor]
 
+BACKENDS_WITHOUT_MASKS = frozenset({"attention_sage", "attention_flash"})
+"""ComfyUI attention backends that ignore a mask (SageAttention 2) or fail on one and log it on every call (flash)."""
+
+
+def sdpa_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    heads: int,
+    mask: torch.Tensor | None = None,
+    skip_reshape: bool = False,
+    skip_output_reshape: bool = False,
+    **_: Any,
+) -> torch.Tensor:
+    """PyTorch SDPA with the calling convention of ComfyUI's attention backends.
+
+    Runs the mass-corrected calls that a mask-less backend would get wrong,
+    as ComfyUI itself falls back to SDPA when SageAttention 3 meets a mask.
+    """
+    if skip_reshape:
+        batch, dim_head = q.shape[0], q.shape[-1]
+    else:
+        batch, dim_head = q.shape[0], q.shape[-1] // heads
+        q, k, v = (t.reshape(batch, -1, heads, dim_head).transpose(1, 2) for t in (q, k, v))
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    if skip_output_reshape:
+        return out
+    return out.transpose(1, 2).reshape(batch, -1, heads * dim_head)
+
 
 class ToDoAttentionOverride:
     """ComfyUI's ``optimized_attention_override`` for DiTs: the attention backend runs on the kept keys.
@@ -344,4 +373,12 @@ class ToDoAttentionOverride:
             rest[1] = mask
         elif mask is not None:
             kwargs["mask"] = mask
+        if mask is not None and self.inner is None and getattr(attention, "__name__", "") in BACKENDS_WITHOUT_MASKS:
+            warn_once(
+                "mask-backend",
+                f"ToDo: ComfyUI's {attention.__name__} backend cannot apply ToDo's mass-correction mask; "
+                "the joint-attention calls ToDo reduces run on PyTorch SDPA instead.",
+                kwargs.get("transformer_options", {}).get("sample_sigmas"),
+            )
+            attention = sdpa_attention
         return self._call(attention, q, k, v, *rest, **kwargs)
