@@ -36,7 +36,7 @@ from .todo_core.dit import (
     LatentInfo,
     ToDoAttentionOverride,
 )
-from .todo_core.patch import SigmaWindow, run_todo_last
+from .todo_core.patch import SigmaWindow, prepare_unet_options
 
 logger = logging.getLogger("comfyui_todo")
 
@@ -176,9 +176,17 @@ class ToDoModelPatch(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, **inputs) -> bool | str:
-        """Reject out-of-range values before the graph runs, naming the input."""
-        # Linked inputs have no value yet at validation time: check what is known.
+    def validate_inputs(cls, input_types: dict | None = None, **inputs) -> bool | str:
+        """Reject out-of-range values before the graph runs, naming the input.
+
+        Linked inputs have no value yet at validation time (``None``); ComfyUI
+        names them in ``input_types``, so a ``null`` sent for an unlinked input
+        is told apart and refused.
+        """
+        if input_types is not None:
+            nulls = [name for name, value in inputs.items() if value is None and name not in input_types]
+            if nulls:
+                return f"{nulls[0]} needs a value; got null"
         known = {name: value for name, value in inputs.items() if name != "model" and value is not None}
         try:
             BlockSelection.parse(known.pop("dit_blocks", "all"))
@@ -207,6 +215,7 @@ class ToDoModelPatch(io.ComfyNode):
         family = dit_family(model)
         config = cls.build_config(model, family=family, **inputs)
         patched = model.clone()
+        remove_todo(patched)  # the last ToDo node of a chain decides, as with any other setting
         if family is None and count_self_attention_layers(model) == 0:
             logger.warning(
                 "ToDo: %s (%s) is not a model family ToDo supports (%s); ToDoModelPatch leaves it unchanged.",
@@ -230,21 +239,33 @@ class ToDoModelPatch(io.ComfyNode):
         else:
             patched.set_model_attn1_patch(ToDoAttn1Patch(config, sigma_window))
             if not patched.get_wrappers(WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY):
-                patched.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, run_todo_last_wrapper)
+                patched.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, unet_call_wrapper)
         return io.NodeOutput(patched)
+
+
+def remove_todo(patched) -> None:
+    """Take the patches of an earlier ToDo node off a fresh clone, leaving every other patch in place."""
+    options = patched.model_options.setdefault("transformer_options", {})
+    patches = options.get("patches") or {}
+    chain = patches.get("attn1_patch") or []
+    if any(isinstance(p, ToDoAttn1Patch) for p in chain):
+        kept = [p for p in chain if not isinstance(p, ToDoAttn1Patch)]
+        options["patches"] = {**patches, "attn1_patch": kept}
+    existing = options.get(OVERRIDE_KEY)
+    if isinstance(existing, ToDoAttentionOverride):
+        if existing.inner is None:
+            del options[OVERRIDE_KEY]
+        else:
+            options[OVERRIDE_KEY] = existing.inner
 
 
 def add_dit_override(patched, override: ToDoAttentionOverride) -> None:
     """Register the DiT override on a cloned model, keeping another pack's override inside it.
 
-    Applying the node again replaces ToDo's override instead of stacking a
-    second reduction on the first.
+    An earlier ToDo override has already been taken off by :func:`remove_todo`.
     """
     options = patched.model_options.setdefault("transformer_options", {})
-    existing = options.get(OVERRIDE_KEY)
-    if isinstance(existing, ToDoAttentionOverride):
-        existing = existing.inner
-    options[OVERRIDE_KEY] = override.with_inner(existing)
+    options[OVERRIDE_KEY] = override.with_inner(options.get(OVERRIDE_KEY))
     if not patched.get_wrappers(WrappersMP.APPLY_MODEL, WRAPPER_KEY):
         patched.add_wrapper_with_key(WrappersMP.APPLY_MODEL, WRAPPER_KEY, record_latent_wrapper)
 
@@ -264,13 +285,14 @@ def record_latent_wrapper(executor, *args, **kwargs):
     return executor(*args, **kwargs)
 
 
-def run_todo_last_wrapper(executor, *args, **kwargs):
-    """Keyed diffusion-model wrapper: ToDo's attn1 patch runs after any attn1 patch added later in the graph."""
+def unet_call_wrapper(executor, *args, **kwargs):
+    """Keyed diffusion-model wrapper: ToDo's attn1 patch runs after any attn1 patch added later in the graph,
+    and steps aside in blocks whose attn1 another patch replaces."""
     if "transformer_options" in kwargs:
-        kwargs["transformer_options"] = run_todo_last(kwargs["transformer_options"])
+        kwargs["transformer_options"] = prepare_unet_options(kwargs["transformer_options"])
     elif len(args) > TRANSFORMER_OPTIONS_ARG:
         args = list(args)
-        args[TRANSFORMER_OPTIONS_ARG] = run_todo_last(args[TRANSFORMER_OPTIONS_ARG])
+        args[TRANSFORMER_OPTIONS_ARG] = prepare_unet_options(args[TRANSFORMER_OPTIONS_ARG])
     return executor(*args, **kwargs)
 
 

@@ -113,6 +113,8 @@ class ToDoAttn1Patch:
     ) -> tuple[Tokens, Tokens, Tokens]:
         if self.sigma_window is not None and not self.sigma_window.contains(extra_options):
             return q, k, v
+        if _attn1_replaced(extra_options):
+            return q, k, v
         grid = self.grid_for(q, k, v, extra_options)
         if grid is None:
             return q, k, v
@@ -156,3 +158,31 @@ def run_todo_last(transformer_options: dict[str, Any]) -> dict[str, Any]:
         return transformer_options
     reordered = [p for p in chain if not isinstance(p, ToDoAttn1Patch)] + ours
     return {**transformer_options, "patches": {**patches, "attn1_patch": reordered}}
+
+
+ATTN1_REPLACED_KEY = "todo_attn1_replaced"
+"""``transformer_options`` entry: the blocks whose attn1 another patch replaces (see :func:`prepare_unet_options`)."""
+
+
+def _attn1_replaced(extra_options: Mapping[str, Any]) -> bool:
+    """True in a block whose attention another patch computes itself (PAG, SAG): it may need every key."""
+    replaced = extra_options.get(ATTN1_REPLACED_KEY)
+    block = extra_options.get("block")
+    if not replaced or block is None:
+        return False
+    return (block[0], block[1], extra_options.get("block_index", 0)) in replaced or tuple(block) in replaced
+
+
+def prepare_unet_options(transformer_options: dict[str, Any]) -> dict[str, Any]:
+    """``transformer_options`` as ToDo needs them for one UNet call: ToDo last, replaced attn1 blocks named.
+
+    ComfyUI hands attn1 patches their options without ``patches_replace``; a
+    block whose attn1 is replaced (Perturbed-Attention Guidance returns the
+    values as the output, Self-Attention Guidance records the attention map on
+    the grid) must keep every key, so the replaced blocks are recorded here.
+    """
+    options = run_todo_last(transformer_options)
+    replaced = (options.get("patches_replace") or {}).get("attn1") or {}
+    if replaced:
+        options = {**options, ATTN1_REPLACED_KEY: frozenset(replaced)}
+    return options
