@@ -744,3 +744,11 @@ def test_two_branches_and_removal_never_leak(node, sd15):
     assert torch.equal(render(branch_a), a_alone)
     assert torch.equal(render(sd15), before), "the graph without the node is what it was before"
     assert repr(sd15.model_options) == options_before and not sd15.wrappers
+
+
+def test_the_last_todo_node_of_a_chain_decides(node, sd15):
+    first = apply_node(node, sd15, mode="manual", depth_1_factor=3.0, depth_2_factor=2.0, depth_3_factor=1.0)
+    last = apply_node(node, first, **MANUAL_2)
+    assert torch.equal(render(last), render(apply_node(node, sd15, **MANUAL_2)))
+    off = apply_node(node, first, **MANUAL_OFF)
+    assert torch.equal(render(off), render(sd15)), "a ToDo node at factor 1 after another turns ToDo off"

@@ -159,3 +159,20 @@ def test_run_todo_last_returns_the_same_dict_when_nothing_moves():
         options = {"patches": {"attn1_patch": chain}}
         assert run_todo_last(options) is options
     assert run_todo_last({}) == {}
+
+
+def test_blocks_whose_attn1_is_replaced_keep_every_key():
+    """PAG and SAG replace attn1 in the middle block and need all of its keys there."""
+    from todo_core.patch import prepare_unet_options
+
+    replace = {"attn1": {("middle", 1, 0): object(), ("input", 4): object()}}
+    prepared = prepare_unet_options(
+        {"patches": {"attn1_patch": [ToDoAttn1Patch(MANUAL_2)]}, "patches_replace": replace}
+    )
+    patch = prepared["patches"]["attn1_patch"][0]
+    n = hidden(1, 16, 16)
+    extras = {key: value for key, value in prepared.items() if key not in ("patches", "patches_replace")}
+    for block, index, untouched in ((("middle", 1), 0, True), (("middle", 1), 1, False), (("input", 4), 3, True)):
+        call_options = {**extras, **options(16, 16), "block": block, "block_index": index}
+        assert (patch(n, n, n, call_options)[1] is n) == untouched, (block, index)
+    assert "todo_attn1_replaced" not in prepare_unet_options({"patches": {}})
