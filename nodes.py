@@ -270,6 +270,15 @@ def add_dit_override(patched, override: ToDoAttentionOverride) -> None:
         patched.add_wrapper_with_key(WrappersMP.APPLY_MODEL, WRAPPER_KEY, record_latent_wrapper)
 
 
+def _with_transformer_options(args: tuple, kwargs: dict, transform) -> tuple[tuple, dict]:
+    """A wrapper call's arguments with ``transformer_options`` (keyword or positional) replaced by ``transform(it)``."""
+    if "transformer_options" in kwargs or len(args) <= TRANSFORMER_OPTIONS_ARG:
+        return args, {**kwargs, "transformer_options": transform(kwargs.get("transformer_options", {}))}
+    args = list(args)
+    args[TRANSFORMER_OPTIONS_ARG] = transform(args[TRANSFORMER_OPTIONS_ARG])
+    return tuple(args), kwargs
+
+
 def record_latent_wrapper(executor, *args, **kwargs):
     """Keyed apply-model wrapper: tells ToDo's attention override the latent grid and the text length."""
     x = args[LATENT_ARG] if args else kwargs["x"]
@@ -277,22 +286,14 @@ def record_latent_wrapper(executor, *args, **kwargs):
     frames = x.shape[2] if x.ndim == 5 else 1
     text_tokens = context.shape[1] if context is not None and context.ndim == 3 else 0
     latent = LatentInfo(frames, x.shape[-2], x.shape[-1], text_tokens)
-    if len(args) > TRANSFORMER_OPTIONS_ARG:
-        args = list(args)
-        args[TRANSFORMER_OPTIONS_ARG] = {**args[TRANSFORMER_OPTIONS_ARG], LATENT_INFO_KEY: latent}
-    else:
-        kwargs["transformer_options"] = {**kwargs.get("transformer_options", {}), LATENT_INFO_KEY: latent}
+    args, kwargs = _with_transformer_options(args, kwargs, lambda options: {**options, LATENT_INFO_KEY: latent})
     return executor(*args, **kwargs)
 
 
 def unet_call_wrapper(executor, *args, **kwargs):
     """Keyed diffusion-model wrapper: ToDo's attn1 patch runs after any attn1 patch added later in the graph,
     and steps aside in blocks whose attn1 another patch replaces."""
-    if "transformer_options" in kwargs:
-        kwargs["transformer_options"] = prepare_unet_options(kwargs["transformer_options"])
-    elif len(args) > TRANSFORMER_OPTIONS_ARG:
-        args = list(args)
-        args[TRANSFORMER_OPTIONS_ARG] = prepare_unet_options(args[TRANSFORMER_OPTIONS_ARG])
+    args, kwargs = _with_transformer_options(args, kwargs, prepare_unet_options)
     return executor(*args, **kwargs)
 
 
