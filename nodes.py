@@ -171,6 +171,17 @@ class ToDoModelPatch(io.ComfyNode):
                         "and single blocks; Qwen-Image and Wan number theirs as double. Ignored for UNets."
                     ),
                 ),
+                io.Float.Input(
+                    "temporal_factor",
+                    default=1.0,
+                    min=MIN_FACTOR,
+                    max=MAX_FACTOR,
+                    step=0.25,
+                    tooltip=(
+                        "Video DiTs (Wan) only: key/value downsample factor along time, on top of the spatial one. "
+                        "1 = every frame's keys kept (default: motion depends on them)."
+                    ),
+                ),
             ],
             outputs=[io.Model.Output(tooltip="The model with token downsampling in its self-attention.")],
         )

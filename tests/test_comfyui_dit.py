@@ -119,6 +119,17 @@ def test_wan_cross_attention_is_never_reduced_even_when_as_long_as_the_image(nod
     assert pairs.count((20, 20)) >= 2, "each block's cross-attention must keep all 20 text keys"
 
 
+def test_wan_temporal_factor_reduces_frames_as_well(node, dits):
+    model, probe = with_probe(dits["wan"])
+    out = run(apply_node(node, model, **MANUAL_2, temporal_factor=2.0), "wan", (16, 16))
+    # 3 frames of 8 x 8 tokens: frames 0 and 2 kept, each with 4 x 4 of its tokens.
+    assert {(c.q_tokens, c.kv_tokens) for c in probe.calls} == {(3 * 64, 2 * 16), (3 * 64, TEXT_TOKENS)}
+    assert torch.isfinite(out).all()
+    off_in_time, time_probe = with_probe(dits["wan"])
+    run(apply_node(node, off_in_time, mode="manual", depth_1_factor=1.0, temporal_factor=3.0), "wan", (16, 16))
+    assert {(c.q_tokens, c.kv_tokens) for c in time_probe.calls} == {(3 * 64, 64), (3 * 64, TEXT_TOKENS)}
+
+
 # (3) batch and CFG ---------------------------------------------------------------------------------------------------
 
 

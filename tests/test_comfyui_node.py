@@ -40,6 +40,7 @@ def test_loads_through_comfyui_loader_with_its_inputs(node):
         "end_percent",
         "native_resolution",
         "dit_blocks",
+        "temporal_factor",
     ]
     for name, (_, options) in required.items():
         assert options.get("tooltip"), f"input {name} has no tooltip"

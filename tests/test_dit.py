@@ -40,12 +40,13 @@ def representative(side: int, factor: float) -> list[int]:
     return [max(s for s in starts if s <= row) for row in range(side)]
 
 
-def oracle_keys(layout: SequenceLayout, factor: float) -> torch.Tensor:
+def oracle_keys(layout: SequenceLayout, factor: float, temporal_factor: float = 1) -> torch.Tensor:
     """Full-length key positions where every image key is replaced by its group's kept key."""
     rows, cols = representative(layout.height, factor), representative(layout.width, factor)
+    frames = representative(layout.frames, temporal_factor)
     positions = list(range(layout.prefix))
     for frame in range(layout.frames):
-        base = layout.prefix + frame * layout.height * layout.width
+        base = layout.prefix + frames[frame] * layout.height * layout.width
         positions += [
             base + rows[r] * layout.width + cols[c] for r in range(layout.height) for c in range(layout.width)
         ]
@@ -81,6 +82,17 @@ def test_mass_corrected_attention_equals_the_group_replaced_oracle(layout, facto
     q, k, v = random_qkv(layout)
     k_small, v_small, mask = reduce_keys(k, v, None, layout, factor, sequence_dim=2)
     positions = oracle_keys(layout, factor)
+    expected = attention(q, k[:, :, positions], v[:, :, positions])
+    torch.testing.assert_close(attention(q, k_small, v_small, mask), expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize(("frames", "temporal_factor"), [(5, 2), (4, 2), (6, 3), (7, 1.5)])
+def test_temporal_groups_equal_the_oracle_too(frames, temporal_factor):
+    layout = SequenceLayout(0, frames, 5, 7, 0)
+    q, k, v = random_qkv(layout)
+    k_small, v_small, mask = reduce_keys(k, v, None, layout, 2, 2, temporal_factor=temporal_factor)
+    assert k_small.shape[2] == math.ceil(frames / temporal_factor - 1e-9) * 3 * 4
+    positions = oracle_keys(layout, 2, temporal_factor)
     expected = attention(q, k[:, :, positions], v[:, :, positions])
     torch.testing.assert_close(attention(q, k_small, v_small, mask), expected, rtol=1e-10, atol=1e-10)
 
@@ -296,3 +308,19 @@ def test_backends_that_ignore_masks_are_replaced_by_sdpa_for_corrected_calls(ski
     positions = oracle_keys(layout, 2)
     expected = attention(qh, kh[:, :, positions], vh[:, :, positions]).transpose(1, 2).reshape(2, layout.tokens, -1)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_temporal_factor_only_for_video_families():
+    config = ToDoConfig.create(mode="manual", depth_1_factor=1, temporal_factor=2)
+    assert not config.is_identity
+    video = ToDoAttentionOverride(config, WAN, BlockSelection.parse("all"))
+    assert video.temporal_factor_for(SequenceLayout(0, 4, 6, 6, 0)) == 2
+    assert video.temporal_factor_for(SequenceLayout(0, 1, 6, 6, 0)) == 1  # a single frame: nothing to reduce
+    assert (
+        ToDoAttentionOverride(config, FLUX, BlockSelection.parse("all")).temporal_factor_for(
+            SequenceLayout(0, 4, 6, 6, 0)
+        )
+        == 1
+    )
+    with pytest.raises(ConfigError, match="temporal_factor"):
+        ToDoConfig.create(temporal_factor=0.5)

@@ -93,15 +93,16 @@ def test_comfyui_validation_rejects_a_bad_todo_value(checkpoint_stand_ins):
 
 
 @pytest.mark.comfyui
-def test_a_workflow_saved_before_dit_blocks_still_validates(checkpoint_stand_ins):
-    """Workflows shared before the node gained ``dit_blocks`` (its last input) load with its default."""
-    workflow = json.loads(WORKFLOWS[0].read_text())
-    todo = next(node for node in workflow["nodes"] if node["type"] == "ToDoModelPatch")
-    assert todo["widgets_values"][-1] == "all"
-    todo["widgets_values"] = todo["widgets_values"][:-1]
+def test_a_workflow_saved_before_the_dit_inputs_still_validates(checkpoint_stand_ins):
+    """Workflows shared before the node gained its DiT inputs (the last ones) load with their defaults."""
     import nodes
 
+    workflow = json.loads(WORKFLOWS[0].read_text())
+    todo = next(node for node in workflow["nodes"] if node["type"] == "ToDoModelPatch")
+    assert todo["widgets_values"][-2:] == ["all", 1.0]
+    todo["widgets_values"] = todo["widgets_values"][:-2]
     prompt = to_api_prompt(workflow, nodes.NODE_CLASS_MAPPINGS)
-    assert next(e for e in prompt.values() if e["class_type"] == "ToDoModelPatch")["inputs"]["dit_blocks"] == "all"
+    inputs = next(e for e in prompt.values() if e["class_type"] == "ToDoModelPatch")["inputs"]
+    assert inputs["dit_blocks"] == "all" and inputs["temporal_factor"] == 1.0
     valid, error, _, node_errors = validate(prompt)
     assert valid, (error, node_errors)

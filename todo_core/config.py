@@ -96,6 +96,8 @@ class ToDoConfig:
     end_percent: float
     native_resolution: int
     """Training resolution in pixels; sets the auto mode's token budget per depth."""
+    temporal_factor: float = 1.0
+    """Video DiTs: keys/values reduced along time too (1 = every frame kept)."""
 
     @classmethod
     def create(
@@ -108,6 +110,7 @@ class ToDoConfig:
         start_percent: float = 0.0,
         end_percent: float = 1.0,
         native_resolution: int = DEFAULT_NATIVE_RESOLUTION,
+        temporal_factor: float = 1.0,
     ) -> ToDoConfig:
         """Validate raw node inputs; every error names the input and its allowed range."""
         factors = tuple(
@@ -121,7 +124,8 @@ class ToDoConfig:
         native = _check_range("native_resolution", native_resolution, MIN_NATIVE_RESOLUTION, MAX_NATIVE_RESOLUTION)
         if native != int(native):
             raise ConfigError(f"native_resolution must be a whole number of pixels; got {native:g}")
-        return cls(FactorMode.parse(mode), factors, DownsampleMethod.parse(method), start, end, int(native))
+        temporal = _check_range("temporal_factor", temporal_factor, MIN_FACTOR, MAX_FACTOR)
+        return cls(FactorMode.parse(mode), factors, DownsampleMethod.parse(method), start, end, int(native), temporal)
 
     @property
     def native_latent_side(self) -> int:
@@ -134,7 +138,7 @@ class ToDoConfig:
     @property
     def is_identity(self) -> bool:
         """True when no grid at any size would be reduced (manual mode, all factors 1)."""
-        return self.mode is FactorMode.MANUAL and all(f <= 1.0 for f in self.factors)
+        return self.mode is FactorMode.MANUAL and all(f <= 1.0 for f in (*self.factors, self.temporal_factor))
 
     def budget_tokens(self, depth: int) -> int:
         """Tokens a square native-resolution image has at ``depth``: the auto mode's K/V budget."""

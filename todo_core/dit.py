@@ -30,7 +30,7 @@ import torch
 
 from .choices import ConfigError
 from .config import ToDoConfig
-from .downsample import nearest_indices, output_side
+from .downsample import nearest_indices, output_side, output_tokens
 from .patch import SigmaWindow, warn_once
 
 LATENT_INFO_KEY = "todo_latent"
@@ -140,20 +140,35 @@ class KeySelection:
 
 @functools.lru_cache(maxsize=256)
 def select_keys(
-    layout: SequenceLayout, factor: float, device: torch.device, dtype: torch.dtype = torch.float32
+    layout: SequenceLayout,
+    factor: float,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    temporal_factor: float = 1.0,
 ) -> KeySelection:
-    """Memoised per layout, factor, device and dtype: the same few layouts recur in every block and step."""
-    rows = nearest_indices(layout.height, factor, torch.device("cpu"))
-    cols = nearest_indices(layout.width, factor, torch.device("cpu"))
+    """Memoised per layout, factors, device and dtype: the same few layouts recur in every block and step.
+
+    ``factor`` reduces each frame's grid; ``temporal_factor`` keeps one frame of
+    every group of frames (video), each kept key then standing for its group
+    across frames too.
+    """
+    cpu = torch.device("cpu")
+    rows, cols = nearest_indices(layout.height, factor, cpu), nearest_indices(layout.width, factor, cpu)
+    frames = nearest_indices(layout.frames, temporal_factor, cpu)
     per_frame = (rows[:, None] * layout.width + cols[None, :]).reshape(-1)
-    frame_offsets = torch.arange(layout.frames)[:, None] * (layout.height * layout.width)
+    frame_offsets = frames[:, None] * (layout.height * layout.width)
     image = (frame_offsets + per_frame[None, :]).reshape(-1) + layout.prefix
     suffix_start = layout.prefix + layout.image_tokens
     indices = torch.cat((torch.arange(layout.prefix), image, torch.arange(suffix_start, suffix_start + layout.suffix)))
 
-    row_sizes = torch.tensor(_group_sizes(layout.height, factor), dtype=torch.float64)
-    col_sizes = torch.tensor(_group_sizes(layout.width, factor), dtype=torch.float64)
-    group = (row_sizes[:, None] * col_sizes[None, :]).reshape(-1).repeat(layout.frames)
+    def sizes(side: int, side_factor: float) -> torch.Tensor:
+        return torch.tensor(_group_sizes(side, side_factor), dtype=torch.float64)
+
+    group = (
+        sizes(layout.frames, temporal_factor)[:, None, None]
+        * sizes(layout.height, factor)[None, :, None]
+        * sizes(layout.width, factor)[None, None, :]
+    ).reshape(-1)
     log_group = torch.cat(
         (torch.zeros(layout.prefix, dtype=torch.float64), group.log(), torch.zeros(layout.suffix, dtype=torch.float64))
     )
@@ -169,6 +184,7 @@ def reduce_keys(
     factor: float,
     sequence_dim: int,
     mass_correction: bool = True,
+    temporal_factor: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Keys, values and additive mask for attention over the kept keys only.
 
@@ -177,7 +193,7 @@ def reduce_keys(
     ``log(group size)`` to every kept key's logit; it is ``None`` when nothing
     needs adding, so the attention backend keeps its fastest, mask-free kernel.
     """
-    selection = select_keys(layout, factor, k.device, k.dtype)
+    selection = select_keys(layout, factor, k.device, k.dtype, temporal_factor)
     k_small = k.index_select(sequence_dim, selection.indices)
     v_small = k_small if v is k else v.index_select(sequence_dim, selection.indices)
     if mask is not None:
@@ -313,7 +329,11 @@ class ToDoAttentionOverride:
     def factor_for(self, layout: SequenceLayout) -> float:
         return self.config.image_token_factor(layout.height, layout.width, self.family.patch_size[1])
 
-    def plan(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> tuple[SequenceLayout, float] | None:
+    def temporal_factor_for(self, layout: SequenceLayout) -> float:
+        """Video families only, and only where there are frames to reduce."""
+        return self.config.temporal_factor if self.family.video and layout.frames > 1 else 1.0
+
+    def plan(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> tuple[SequenceLayout, float, float] | None:
         """The layout and factor for this call, or ``None`` to leave it exactly as it is."""
         options = kwargs.get("transformer_options") or {}
         latent = options.get(LATENT_INFO_KEY)
@@ -340,10 +360,11 @@ class ToDoAttentionOverride:
                 options.get("sample_sigmas"),
             )
             return None
-        factor = self.factor_for(layout)
-        if factor <= 1.0 or output_side(layout.height, factor) * output_side(layout.width, factor) <= 1:
+        factor, temporal_factor = self.factor_for(layout), self.temporal_factor_for(layout)
+        kept = output_side(layout.frames, temporal_factor) * output_tokens(layout.height, layout.width, factor, factor)
+        if kept in (1, layout.image_tokens):
             return None
-        return layout, factor
+        return layout, factor, temporal_factor
 
     def _block_selected(self, options: Mapping[str, Any]) -> bool:
         if self.blocks.is_all:
@@ -363,12 +384,12 @@ class ToDoAttentionOverride:
         plan = self.plan(args, kwargs)
         if plan is None:
             return self._call(attention, *args, **kwargs)
-        layout, factor = plan
+        layout, factor, temporal_factor = plan
         q, k, v, *rest = args
         # The mask is the fifth positional argument of every ComfyUI backend, or a keyword.
         mask = rest[1] if len(rest) >= 2 else kwargs.pop("mask", None)
         sequence_dim = 2 if kwargs.get("skip_reshape", False) else 1
-        k, v, mask = reduce_keys(k, v, mask, layout, factor, sequence_dim, self.mass_correction)
+        k, v, mask = reduce_keys(k, v, mask, layout, factor, sequence_dim, self.mass_correction, temporal_factor)
         if len(rest) >= 2:
             rest[1] = mask
         elif mask is not None:
