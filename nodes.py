@@ -165,6 +165,7 @@ class ToDoModelPatch(io.ComfyNode):
                 io.String.Input(
                     "dit_blocks",
                     default="all",
+                    optional=True,  # added after the first release: API prompts saved before it stay valid
                     tooltip=(
                         "Diffusion transformers only: the blocks ToDo acts in. 'all', or a comma-separated list of "
                         "'double', 'single', an index or range ('0-9'), or both ('single:0-19'). Flux has double "
@@ -174,6 +175,7 @@ class ToDoModelPatch(io.ComfyNode):
                 io.Float.Input(
                     "temporal_factor",
                     default=1.0,
+                    optional=True,
                     min=MIN_FACTOR,
                     max=MAX_FACTOR,
                     step=0.25,

@@ -39,10 +39,10 @@ def test_loads_through_comfyui_loader_with_its_inputs(node):
         "start_percent",
         "end_percent",
         "native_resolution",
-        "dit_blocks",
-        "temporal_factor",
     ]
-    for name, (_, options) in required.items():
+    optional = info["input"]["optional"]  # added later: API prompts without them stay valid
+    assert list(optional) == ["dit_blocks", "temporal_factor"]
+    for name, (_, options) in {**required, **optional}.items():
         assert options.get("tooltip"), f"input {name} has no tooltip"
     assert all(info["output_tooltips"])
     assert info["output"] == ["MODEL"]
