@@ -24,6 +24,10 @@ from todo_core.bench.comfyui_path import PACK_ROOT
 CHECKPOINT_NAME = "v1-5-pruned-emaonly-fp16.safetensors"
 """The name the example workflows use: the stand-in is found where the real one would be."""
 SDXL_CHECKPOINT_NAME = "sd_xl_base_1.0.safetensors"
+FLUX_CHECKPOINT_NAME = "flux1-dev-fp8.safetensors"
+STAND_IN_NAMES = (CHECKPOINT_NAME, SDXL_CHECKPOINT_NAME, FLUX_CHECKPOINT_NAME)
+"""Every checkpoint name the example workflows use; the random SD1.5 checkpoint stands in for each (ComfyUI resizes
+the Flux workflow's empty 16-channel latent to the checkpoint's 4 channels), so the graphs run, not the real models."""
 PACK_FOLDER = "comfyui-todo"
 COPY_IGNORE = shutil.ignore_patterns(".git", "__pycache__", ".pytest_cache", ".hypothesis", ".ruff_cache",
                                      "bench-results", "*.pyc")  # fmt: skip
@@ -74,7 +78,7 @@ def reduced(prompt: dict) -> dict:
     """An API prompt at TEST_SIDE px and 2 steps: same nodes and links, a CPU-sized run."""
     for entry in prompt.values():
         inputs = entry["inputs"]
-        if entry["class_type"] == "EmptyLatentImage":
+        if entry["class_type"] in ("EmptyLatentImage", "EmptySD3LatentImage"):
             scale = TEST_SIDE / max(inputs["width"], inputs["height"])
             inputs["width"] = max(64, round(inputs["width"] * scale / 8) * 8)
             inputs["height"] = max(64, round(inputs["height"] * scale / 8) * 8)

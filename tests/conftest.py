@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from comfy_server import CHECKPOINT_NAME, SDXL_CHECKPOINT_NAME, checkpoint_cache, comfy_server
+from comfy_server import STAND_IN_NAMES, checkpoint_cache, comfy_server
 from comfy_server import write_random_sd15_checkpoint as random_checkpoint
 from comfy_support import import_comfyui, load_pack, tiny_model
 
@@ -29,9 +29,9 @@ def sdxl():
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory):
-    """A running ComfyUI server with this pack and a random-weight SD1.5 checkpoint under both example names."""
+    """A running ComfyUI server with this pack and a random-weight SD1.5 checkpoint under every example name."""
     comfyui = import_comfyui()
     checkpoint = random_checkpoint(checkpoint_cache() / "sd15-random-fp16.safetensors")
     base = tmp_path_factory.mktemp("comfyui-base")
-    with comfy_server(comfyui, base, {CHECKPOINT_NAME: checkpoint, SDXL_CHECKPOINT_NAME: checkpoint}) as running:
+    with comfy_server(comfyui, base, dict.fromkeys(STAND_IN_NAMES, checkpoint)) as running:
         yield running

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from comfy_server import CHECKPOINT_NAME, PACK_FOLDER, SDXL_CHECKPOINT_NAME, checkpoint_cache, comfy_server
+from comfy_server import PACK_FOLDER, STAND_IN_NAMES, checkpoint_cache, comfy_server
 from comfy_server import write_random_sd15_checkpoint as random_checkpoint
 from comfy_support import import_comfyui
 
@@ -63,7 +63,7 @@ def attached(tmp_path_factory):
     logs = work / "logs"
     logs.mkdir()
     (logs / "server.log").symlink_to(comfyui / "server.log")
-    with comfy_server(comfyui, comfyui, {CHECKPOINT_NAME: checkpoint, SDXL_CHECKPOINT_NAME: checkpoint}) as server:
+    with comfy_server(comfyui, comfyui, dict.fromkeys(STAND_IN_NAMES, checkpoint)) as server:
         yield server, comfyui / "custom_nodes" / PACK_FOLDER, work
 
 

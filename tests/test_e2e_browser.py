@@ -57,7 +57,7 @@ REDUCE_AND_QUEUE = """async (side) => {
     const nodes = window.app.graph._nodes || window.app.graph.nodes;
     for (const node of nodes) {
         const widget = (name) => node.widgets && node.widgets.find((w) => w.name === name);
-        if (node.type === "EmptyLatentImage") {
+        if (node.type === "EmptyLatentImage" || node.type === "EmptySD3LatentImage") {
             const scale = side / Math.max(widget("width").value, widget("height").value);
             widget("width").value = Math.max(64, Math.round(widget("width").value * scale / 8) * 8);
             widget("height").value = Math.max(64, Math.round(widget("height").value * scale / 8) * 8);

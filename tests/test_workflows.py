@@ -15,7 +15,7 @@ WORKFLOWS = sorted((Path(__file__).resolve().parents[1] / "workflows").glob("*.j
 def test_there_are_example_workflows():
     assert {p.stem for p in WORKFLOWS} >= {
         "sd15_txt2img_2048", "sdxl_txt2img_2048x2048", "sdxl_txt2img_2560x1440", "sdxl_hires_fix_2x",
-        "sdxl_deep_shrink_todo_4096",
+        "sdxl_deep_shrink_todo_4096", "flux_dev_txt2img_2048",
     }  # fmt: skip
 
 
