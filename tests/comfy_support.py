@@ -107,26 +107,41 @@ SDXL_TINY = {
 }
 
 
+CPU = torch.device("cpu")
+
+
+def random_patcher(config_class, model_class, unet: dict, dtype=torch.float32, device=CPU, seed: int = 0, **after):
+    """A ModelPatcher around ``model_class`` built from ``unet`` with seeded random weights.
+
+    ``after`` overrides the config's own extras (head width) so that narrow
+    channels still give whole heads. On the ``meta`` device only shapes exist.
+    """
+    import comfy.model_patcher
+
+    config = config_class({**unet, "dtype": dtype})
+    config.set_inference_dtype(dtype, None)
+    config.unet_config.update(after)
+    torch.manual_seed(seed)
+    model = model_class(config, device=device)
+    if device.type != "meta":
+        with torch.no_grad():
+            for parameter in model.diffusion_model.parameters():  # zero-initialised out layers would hide everything
+                parameter.normal_(0.0, 0.05)
+    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
+
+
 def tiny_model(kind: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
     """A random-weight SD1.5- or SDXL-shaped UNet in a ModelPatcher, on the CPU."""
     import comfy.model_base
-    import comfy.model_patcher
     import comfy.supported_models
 
     if kind == "sd15":
-        config = comfy.supported_models.SD15({**SD15_TINY, "dtype": dtype, **overrides})
-        model_class = comfy.model_base.BaseModel
-    else:
-        config = comfy.supported_models.SDXL({**SDXL_TINY, "dtype": dtype, **overrides})
-        model_class = comfy.model_base.SDXL
-    config.set_inference_dtype(dtype, None)
-    torch.manual_seed(seed)
-    model = model_class(config, device=torch.device("cpu"))
-    with torch.no_grad():
-        for parameter in model.diffusion_model.parameters():  # zero-initialised out layers would hide everything
-            parameter.normal_(0.0, 0.05)
-    cpu = torch.device("cpu")
-    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+        return random_patcher(
+            comfy.supported_models.SD15, comfy.model_base.BaseModel, {**SD15_TINY, **overrides}, dtype, seed=seed
+        )
+    return random_patcher(
+        comfy.supported_models.SDXL, comfy.model_base.SDXL, {**SDXL_TINY, **overrides}, dtype, seed=seed
+    )
 
 
 @dataclass

@@ -6,6 +6,11 @@ import pytest
 from comfy_server import STAND_IN_NAMES, checkpoint_cache, comfy_server
 from comfy_server import write_random_sd15_checkpoint as random_checkpoint
 from comfy_support import import_comfyui, load_pack, tiny_model
+from hypothesis import HealthCheck, settings
+
+# Shared 2-core CI machines: timing is no part of what the property tests check.
+settings.register_profile("shared-machine", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("shared-machine")
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 import torch
+from comfy_support import random_patcher
 
 OVERRIDE_KEY = "optimized_attention_override"
 TEXT_TOKENS = 5
@@ -149,18 +150,8 @@ def tiny_dit(kind: str, seed: int = 0, dtype: torch.dtype = torch.float32):
 
     ``kind``: flux, sd3, qwen_image, wan; auraflow and lumina2 are DiTs ToDo does not support.
     """
-    import comfy.model_patcher
-
     config_class, model_class, unet_config = _family_classes(kind)
-    config = config_class({**unet_config(), "dtype": dtype})
-    config.set_inference_dtype(dtype, None)
-    torch.manual_seed(seed)
-    cpu = torch.device("cpu")
-    model = model_class(config, device=cpu)
-    with torch.no_grad():
-        for parameter in model.diffusion_model.parameters():  # zero-initialised output layers would hide everything
-            parameter.normal_(0.0, 0.05)
-    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+    return random_patcher(config_class, model_class, unet_config(), dtype, seed=seed)
 
 
 def is_video(patcher) -> bool:

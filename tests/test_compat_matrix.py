@@ -17,7 +17,18 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
-from comfy_support import SD15_TINY, SDXL_TINY, TEXT_TOKENS, Probe, apply_node, forward, run_node, tiny_model
+from comfy_support import (
+    CPU,
+    SD15_TINY,
+    SDXL_TINY,
+    TEXT_TOKENS,
+    Probe,
+    apply_node,
+    forward,
+    random_patcher,
+    run_node,
+    tiny_model,
+)
 
 from todo_core.config import ToDoConfig
 from todo_core.downsample import output_tokens
@@ -25,7 +36,6 @@ from todo_core.grid import TokenGrid, depth_from_sides
 
 pytestmark = pytest.mark.comfyui
 
-CPU = torch.device("cpu")
 MANUAL_2 = {"mode": "manual", "depth_1_factor": 2.0, "depth_2_factor": 2.0, "depth_3_factor": 2.0}
 MANUAL_OFF = {"mode": "manual", "depth_1_factor": 1.0, "depth_2_factor": 1.0, "depth_3_factor": 1.0}
 FREELUNCH = "comfy_extras.nodes_freelunch"
@@ -125,23 +135,6 @@ def reduced_grids(probe: Probe) -> set[tuple[int, int]]:
     return {grid for grid, kv in probe.kv_by_grid().items() if any(n < grid[0] * grid[1] for n in kv)}
 
 
-def build(config_class, model_class, unet: dict, dtype=torch.float32, device=CPU, seed: int = 0, **after):
-    """A ModelPatcher around ``model_class`` built from a reduced ``unet`` config; ``after`` overrides the config's
-    own extras (head width) so that narrow channels still give whole heads."""
-    import comfy.model_patcher
-
-    config = config_class({**unet, "dtype": dtype})
-    config.set_inference_dtype(dtype, None)
-    config.unet_config.update(after)
-    torch.manual_seed(seed)
-    model = model_class(config, device=device)
-    if device.type != "meta":
-        with torch.no_grad():
-            for parameter in model.diffusion_model.parameters():
-                parameter.normal_(0.0, 0.05)
-    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
-
-
 SD2V_TINY = {**SD15_TINY, "use_linear_in_transformer": True, "context_dim": 1024}
 REFINER_TINY = {
     **SDXL_TINY,
@@ -177,11 +170,11 @@ def model_for(kind: str, dtype=torch.float32):
 
     if kind == "sd2v":
         v_model = functools.partial(base.BaseModel, model_type=base.ModelType.V_PREDICTION)
-        return build(supported.SD20, v_model, SD2V_TINY, dtype, num_head_channels=32)
+        return random_patcher(supported.SD20, v_model, SD2V_TINY, dtype, num_head_channels=32)
     if kind == "refiner":
-        return build(supported.SDXLRefiner, base.SDXLRefiner, REFINER_TINY, dtype, num_head_channels=32)
+        return random_patcher(supported.SDXLRefiner, base.SDXLRefiner, REFINER_TINY, dtype, num_head_channels=32)
     if kind == "inpaint":
-        return build(supported.SD15, base.BaseModel, INPAINT_TINY, dtype)
+        return random_patcher(supported.SD15, base.BaseModel, INPAINT_TINY, dtype)
     raise ValueError(kind)
 
 
@@ -248,7 +241,8 @@ def test_svd_spatial_attention_reduced_temporal_untouched(node):
     import comfy.model_base
     import comfy.supported_models
 
-    model = build(comfy.supported_models.SVD_img2vid, comfy.model_base.SVD_img2vid, SVD_TINY, num_head_channels=32)
+    svd = (comfy.supported_models.SVD_img2vid, comfy.model_base.SVD_img2vid)
+    model = random_patcher(*svd, SVD_TINY, num_head_channels=32)
     patched = apply_node(node, model, mode="manual", depth_1_factor=2.0, depth_2_factor=2.0, depth_3_factor=1.0)
     frames, h, w = 3, 16, 24
     probe = Probe()
@@ -593,7 +587,7 @@ def full_unets():
     meta = torch.device("meta")
     classes = {"sd15": (comfy.supported_models.SD15, comfy.model_base.BaseModel),
                "sdxl": (comfy.supported_models.SDXL, comfy.model_base.SDXL)}  # fmt: skip
-    return {kind: build(*classes[kind], FULL_UNETS[kind], torch.float16, meta) for kind in classes}
+    return {kind: random_patcher(*classes[kind], FULL_UNETS[kind], torch.float16, meta) for kind in classes}
 
 
 def check_size(node, unet, width: int, height: int) -> None:
