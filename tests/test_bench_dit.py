@@ -54,4 +54,4 @@ def test_summary_and_table():
     plain = next(r for r in summary if not r["mass_correction"])
     assert plain["error_mean"] == pytest.approx(0.3) and plain["error_max"] == 0.4
     table = markdown({"device": "CPU", "torch": "x"}, summary, [])
-    assert "| 8x8 | 2 | 93 | 30.0% (20.0%–40.0%) | 2.0% (1.0%–3.0%) | 15.0% → 1.0% |" in table
+    assert "| 8x8 | 2 | 93 | 30.0% (20.0%–40.0%) | 2.0% (1.0%–3.0%) | 15.0% \u2192 1.0% |" in table

@@ -31,3 +31,15 @@ def test_library_code_logs_instead_of_printing():
     for path in library:
         calls = [n for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Call)]
         assert not [c for c in calls if isinstance(c.func, ast.Name) and c.func.id == "print"], path
+
+
+def test_python_sources_encode_on_windows():
+    """comfy-test's syntax level refuses source characters that Windows' cp1252 cannot encode."""
+    sources = [p for p in ROOT.rglob("*.py") if not any(part.startswith(".") for part in p.relative_to(ROOT).parts)]
+    assert len(sources) > 10
+    for path in sources:
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            try:
+                line.encode("cp1252")
+            except UnicodeEncodeError as error:
+                raise AssertionError(f"{path.relative_to(ROOT)}:{number}: {error.object[error.start]!r}") from None

@@ -199,7 +199,7 @@ def markdown(meta: dict, fidelity: list[dict], timing: list[dict]) -> str:
         "",
         "Relative output error against exact attention (all queries; mean over photos, min–max; text queries alone):",
         "",
-        "| grid | factor | K/V kept | plain subsampling | mass-corrected | text queries: plain → corrected |",
+        "| grid | factor | K/V kept | plain subsampling | mass-corrected | text queries: plain \u2192 corrected |",
         "|---|---|---|---|---|---|",
     ]
     by_key = {(r["grid"], r["factor"], r["mass_correction"]): r for r in fidelity}
@@ -207,7 +207,7 @@ def markdown(meta: dict, fidelity: list[dict], timing: list[dict]) -> str:
         plain, fixed = by_key[(grid, factor, False)], by_key[(grid, factor, True)]
         lines.append(
             f"| {grid} | {factor} | {fixed['kv_tokens']} | {_range(plain)} | {_range(fixed)} | "
-            f"{plain['text_query_error_mean']:.1%} → {fixed['text_query_error_mean']:.1%} |"
+            f"{plain['text_query_error_mean']:.1%} \u2192 {fixed['text_query_error_mean']:.1%} |"
         )
     lines += [
         "",
