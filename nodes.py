@@ -127,7 +127,9 @@ class ToDoModelPatch(io.ComfyNode):
             description=(
                 "Speeds up high-resolution generation with SD1.x, SD2.x and SDXL UNets by downsampling the keys "
                 "and values of self-attention (ToDo, arXiv 2402.13573). Queries keep full resolution, so the "
-                "image keeps its detail. Any size or aspect ratio; chains with other attention patches."
+                "image keeps its detail. Any size or aspect ratio; chains with other attention patches. On Flux, "
+                "SD3, Qwen-Image and Wan it reduces the image keys of joint attention, with a mass correction "
+                "that keeps the text's share of attention where it was."
             ),
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model to patch. It is cloned, never changed."),
