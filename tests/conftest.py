@@ -8,9 +8,19 @@ from comfy_server import write_random_sd15_checkpoint as random_checkpoint
 from comfy_support import import_comfyui, load_pack, tiny_model
 from hypothesis import HealthCheck, settings
 
+from todo_core.bench.comfyui_path import ENABLE_HINT, comfyui_version, ensure_comfyui
+
 # Shared 2-core CI machines: timing is no part of what the property tests check.
 settings.register_profile("shared-machine", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("shared-machine")
+
+
+def pytest_report_header(config) -> str:
+    """Which ComfyUI the ComfyUI-level tests run against (unpacking the tested host where none is found)."""
+    root = ensure_comfyui()
+    if root is None:
+        return f"ComfyUI: none ({ENABLE_HINT})"
+    return f"ComfyUI: v{comfyui_version(root)} at {root}"
 
 
 @pytest.fixture(scope="session")

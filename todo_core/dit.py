@@ -188,21 +188,29 @@ def reduce_keys(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Keys, values and additive mask for attention over the kept keys only.
 
-    ``mask`` is the caller's own mask over the full key sequence (float or
-    boolean, last dimension = keys), or ``None``. The returned mask adds
-    ``log(group size)`` to every kept key's logit; it is ``None`` when nothing
-    needs adding, so the attention backend keeps its fastest, mask-free kernel.
+    ``mask`` is the caller's own mask over the full key sequence, or ``None``:
+    any form ComfyUI's families pass (``[Lk]``, ``[Lq, Lk]``, ``[B, Lq, Lk]``,
+    ``[B, 1 or H, Lq, Lk]``; boolean or float of any precision). It keeps its
+    number of dimensions and its dtype, because the backends read its leading
+    axes by count (a 3-D mask is per batch item, a 4-D one per head too). The
+    returned mask adds ``log(group size)`` to every kept key's logit; it is
+    ``None`` when nothing needs adding, so the backend keeps its mask-free kernel.
     """
     selection = select_keys(layout, factor, k.device, k.dtype, temporal_factor)
     k_small = k.index_select(sequence_dim, selection.indices)
     v_small = k_small if v is k else v.index_select(sequence_dim, selection.indices)
+    correct = mass_correction and not selection.uniform
     if mask is not None:
-        if mask.dtype == torch.bool:
+        if mask.shape[-1] != 1:  # a mask broadcast over the keys applies to the kept keys as it is
+            mask = mask.index_select(-1, selection.indices.to(mask.device))
+        if correct and mask.dtype == torch.bool:
             mask = torch.zeros(mask.shape, dtype=k.dtype, device=mask.device).masked_fill_(~mask, -math.inf)
-        mask = mask.index_select(-1, selection.indices.to(mask.device))
-    if mass_correction and not selection.uniform:
-        bias = selection.log_group_size.view(1, 1, 1, -1)
-        mask = bias if mask is None else mask + bias.to(mask.device)
+    if correct:
+        if mask is None:
+            mask = selection.log_group_size.view(1, 1, 1, -1)
+        else:
+            bias = selection.log_group_size.to(device=mask.device, dtype=mask.dtype)
+            mask = mask + bias.view(*(1,) * (mask.ndim - 1), -1)
     return k_small, v_small, mask
 
 
