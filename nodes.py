@@ -29,21 +29,23 @@ from .todo_core.config import (
     MIN_FACTOR,
 )
 from .todo_core.dit import (
+    DEFAULT_LATENT_SCALE,
     DIT_FAMILIES,
     LATENT_INFO_KEY,
+    LATENT_SCALES,
     BlockSelection,
     DiTFamily,
     LatentInfo,
     ToDoAttentionOverride,
 )
-from .todo_core.patch import SigmaWindow, prepare_unet_options
+from .todo_core.patch import SIGMA_WINDOW_KEY, SigmaWindow, prepare_unet_options
 
 logger = logging.getLogger("comfyui_todo")
 
 DETECT_NATIVE_RESOLUTION = 0
 WRAPPER_KEY = "comfyui_todo"
 TRANSFORMER_OPTIONS_ARG = 5
-"""Position of ``transformer_options`` in the diffusion-model and apply-model wrapper calls."""
+"""Position of ``transformer_options`` in the apply-model wrapper call."""
 LATENT_ARG, CROSSATTN_ARG = 0, 3
 """Positions of the latent and the text context in the apply-model wrapper call."""
 OVERRIDE_KEY = "optimized_attention_override"
@@ -57,19 +59,34 @@ DIT_CLASSES = {
 SUPPORTED = "SD1.x, SD2.x and SDXL UNets, Flux, SD3, Qwen-Image and Wan"
 
 
-def dit_family(model) -> DiTFamily | None:
-    """The supported DiT family of a ComfyUI model, with the patch size its diffusion model really uses."""
+def dit_family(model, native_resolution: int = DETECT_NATIVE_RESOLUTION) -> DiTFamily | None:
+    """The supported DiT family of a ComfyUI model, as this model is built.
+
+    Its patch size is the diffusion model's own, its pixels per latent cell
+    come from its latent format (Flux.2's and Wan 2.2 5B's VAEs downscale 16x),
+    its native size from its config (Wan 14B trains at 1280x720, 1.3B at
+    832x480), unless the node's ``native_resolution`` names a square size.
+    """
     diffusion_model = model.get_model_object("diffusion_model")
     for cls in type(diffusion_model).__mro__:
         name = DIT_CLASSES.get(f"{cls.__module__}.{cls.__qualname__}")
-        if name is not None:
-            family = DIT_FAMILIES[name]
-            patch = getattr(diffusion_model, "patch_size", None)
-            if isinstance(patch, int):
-                return dataclasses.replace(family, patch_size=(1, patch, patch))
-            if isinstance(patch, (tuple, list)) and len(patch) == 3:
-                return dataclasses.replace(family, patch_size=tuple(int(p) for p in patch))
-            return family
+        if name is None:
+            continue
+        patch = getattr(diffusion_model, "patch_size", None)
+        if isinstance(patch, int):
+            patch = (1, patch, patch)
+        elif isinstance(patch, (tuple, list)) and len(patch) == 3:
+            patch = tuple(int(p) for p in patch)
+        else:
+            patch = None
+        latent_format = type(model.get_model_object("latent_format")).__name__
+        unet_config = getattr(getattr(model.model, "model_config", None), "unet_config", {}) or {}
+        family = DIT_FAMILIES[name].for_model(
+            unet_config, patch, LATENT_SCALES.get(latent_format, DEFAULT_LATENT_SCALE)
+        )
+        if native_resolution != DETECT_NATIVE_RESOLUTION:
+            family = dataclasses.replace(family, native_size=(native_resolution, native_resolution))
+        return family
     return None
 
 
@@ -159,8 +176,9 @@ class ToDoModelPatch(io.ComfyNode):
                     max=MAX_NATIVE_RESOLUTION,
                     step=8,
                     tooltip=(
-                        "Auto mode: the model's training resolution in pixels. 0 = detect (512 for SD1.x, "
-                        "768 for SD2.x-v, 1024 for SDXL, Flux and SD3, 1328 for Qwen-Image, 640 for Wan). "
+                        "Auto mode: the model's training resolution in pixels (a square side). 0 = detect from "
+                        "the model: 512 for SD1.x, 768 for SD2.x-v, 1024 for SDXL, Flux.1, Flux.2 and SD3, 1328 "
+                        "for Qwen-Image, 832x480 for Wan 2.1 1.3B, 1280x720 for Wan 14B, 1280x704 for Wan 2.2 5B. "
                         "Set 512 for SD-Turbo and SDXL-Turbo."
                     ),
                 ),
@@ -216,8 +234,8 @@ class ToDoModelPatch(io.ComfyNode):
     ) -> ToDoConfig:
         """Node inputs -> validated config; ``model`` only serves to detect the native resolution."""
         if native_resolution == DETECT_NATIVE_RESOLUTION:
-            if family is not None:
-                native_resolution = family.native_resolution
+            if family is not None:  # only the UNet budget reads it: a DiT's is its family's native token count
+                native_resolution = max(family.native_size)
             elif model is not None:
                 native_resolution = detect_native_resolution(model)
             else:
@@ -227,7 +245,7 @@ class ToDoModelPatch(io.ComfyNode):
     @classmethod
     def execute(cls, model, dit_blocks: str = "all", **inputs) -> io.NodeOutput:
         blocks = BlockSelection.parse(dit_blocks)
-        family = dit_family(model)
+        family = dit_family(model, inputs.get("native_resolution", DETECT_NATIVE_RESOLUTION))
         config = cls.build_config(model, family=family, **inputs)
         patched = model.clone()
         remove_todo(patched)  # the last ToDo node of a chain decides, as with any other setting
@@ -242,24 +260,21 @@ class ToDoModelPatch(io.ComfyNode):
         if config.is_identity:
             return io.NodeOutput(patched)
 
-        sigma_window = None
-        if not config.covers_whole_schedule:
-            model_sampling = model.get_model_object("model_sampling")
-            sigma_window = SigmaWindow.between(
-                model_sampling.percent_to_sigma(config.start_percent),
-                model_sampling.percent_to_sigma(config.end_percent),
-            )
         if family is not None:
-            add_dit_override(patched, ToDoAttentionOverride(config, family, blocks, sigma_window))
+            add_dit_override(patched, ToDoAttentionOverride(config, family, blocks))
         else:
-            patched.set_model_attn1_patch(ToDoAttn1Patch(config, sigma_window))
-            if not patched.get_wrappers(WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY):
-                patched.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, unet_call_wrapper)
+            patched.set_model_attn1_patch(ToDoAttn1Patch(config))
+        patched.add_wrapper_with_key(
+            WrappersMP.APPLY_MODEL,
+            WRAPPER_KEY,
+            ToDoModelCall(config.start_percent, config.end_percent, records_latent=family is not None),
+        )
         return io.NodeOutput(patched)
 
 
 def remove_todo(patched) -> None:
-    """Take the patches of an earlier ToDo node off a fresh clone, leaving every other patch in place."""
+    """Take the patches and wrapper of an earlier ToDo node off a fresh clone, leaving every other patch in place."""
+    patched.remove_wrappers_with_key(WrappersMP.APPLY_MODEL, WRAPPER_KEY)
     options = patched.model_options.setdefault("transformer_options", {})
     patches = options.get("patches") or {}
     chain = patches.get("attn1_patch") or []
@@ -281,8 +296,6 @@ def add_dit_override(patched, override: ToDoAttentionOverride) -> None:
     """
     options = patched.model_options.setdefault("transformer_options", {})
     options[OVERRIDE_KEY] = override.with_inner(options.get(OVERRIDE_KEY))
-    if not patched.get_wrappers(WrappersMP.APPLY_MODEL, WRAPPER_KEY):
-        patched.add_wrapper_with_key(WrappersMP.APPLY_MODEL, WRAPPER_KEY, record_latent_wrapper)
 
 
 def _with_transformer_options(args: tuple, kwargs: dict, transform) -> tuple[tuple, dict]:
@@ -294,22 +307,46 @@ def _with_transformer_options(args: tuple, kwargs: dict, transform) -> tuple[tup
     return tuple(args), kwargs
 
 
-def record_latent_wrapper(executor, *args, **kwargs):
-    """Keyed apply-model wrapper: tells ToDo's attention override the latent grid and the text length."""
-    x = args[LATENT_ARG] if args else kwargs["x"]
-    context = args[CROSSATTN_ARG] if len(args) > CROSSATTN_ARG else kwargs.get("c_crossattn")
-    frames = x.shape[2] if x.ndim == 5 else 1
-    text_tokens = context.shape[1] if context is not None and context.ndim == 3 else 0
-    latent = LatentInfo(frames, x.shape[-2], x.shape[-1], text_tokens)
-    args, kwargs = _with_transformer_options(args, kwargs, lambda options: {**options, LATENT_INFO_KEY: latent})
-    return executor(*args, **kwargs)
+class ToDoModelCall:
+    """Keyed apply-model wrapper: per model call, what ToDo's attention patches need and cannot see themselves.
 
+    - The sigma window, from the schedule of the model sampling the sampler
+      really uses (a shift node placed after ToDo changes it), so the window
+      does not depend on the order of the nodes.
+    - DiTs: the latent grid and the text length.
+    - UNets: ToDo's attn1 patch last in the chain, blocks whose attn1 another patch replaces.
+    """
 
-def unet_call_wrapper(executor, *args, **kwargs):
-    """Keyed diffusion-model wrapper: ToDo's attn1 patch runs after any attn1 patch added later in the graph,
-    and steps aside in blocks whose attn1 another patch replaces."""
-    args, kwargs = _with_transformer_options(args, kwargs, prepare_unet_options)
-    return executor(*args, **kwargs)
+    def __init__(self, start_percent: float, end_percent: float, records_latent: bool) -> None:
+        self.start_percent = start_percent
+        self.end_percent = end_percent
+        self.records_latent = records_latent
+
+    def __repr__(self) -> str:
+        return f"ToDoModelCall({self.start_percent}, {self.end_percent}, records_latent={self.records_latent})"
+
+    def __call__(self, executor, *args, **kwargs):
+        window = SigmaWindow.from_percents(executor.class_obj.model_sampling, self.start_percent, self.end_percent)
+        latent = self.latent_info(args, kwargs) if self.records_latent else None
+
+        recorded = {LATENT_INFO_KEY: latent} if latent is not None else {}
+        if window is not None:
+            recorded[SIGMA_WINDOW_KEY] = window
+
+        def prepare(options: dict) -> dict:
+            prepared = options if self.records_latent else prepare_unet_options(options)
+            return {**prepared, **recorded} if recorded else prepared
+
+        args, kwargs = _with_transformer_options(args, kwargs, prepare)
+        return executor(*args, **kwargs)
+
+    @staticmethod
+    def latent_info(args: tuple, kwargs: dict) -> LatentInfo:
+        x = args[LATENT_ARG] if args else kwargs["x"]
+        context = args[CROSSATTN_ARG] if len(args) > CROSSATTN_ARG else kwargs.get("c_crossattn")
+        frames = x.shape[2] if x.ndim == 5 else 1
+        text_tokens = context.shape[1] if context is not None and context.ndim == 3 else 0
+        return LatentInfo(frames, x.shape[-2], x.shape[-1], text_tokens)
 
 
 class ToDoExtension(ComfyExtension):

@@ -22,7 +22,7 @@ from todo_core.dit import (
     sdpa_attention,
     select_keys,
 )
-from todo_core.patch import SigmaWindow, _warned_kinds
+from todo_core.patch import SIGMA_WINDOW_KEY, SigmaWindow, _warned_kinds
 
 FLUX = DIT_FAMILIES["flux"]
 WAN = DIT_FAMILIES["wan"]
@@ -248,9 +248,8 @@ def test_override_passes_through_what_it_must_not_touch(caplog):
         ToDoConfig.create(mode="manual", depth_1_factor=2),
         FLUX,
         BlockSelection.parse("single"),
-        sigma_window=SigmaWindow(0.5, 1.0),
     )
-    base = {LATENT_INFO_KEY: latent, "block_type": "single", "block_index": 0}
+    base = {LATENT_INFO_KEY: latent, "block_type": "single", "block_index": 0, SIGMA_WINDOW_KEY: SigmaWindow(0.5, 1.0)}
     override(backend, q, k, v, 2, skip_reshape=True, transformer_options={**base, "sigmas": torch.tensor([0.7])})
     override(backend, q, k, v, 2, skip_reshape=True, transformer_options={**base, "sigmas": torch.tensor([0.2])})
     override(backend, q, k, v, 2, skip_reshape=True, transformer_options={**base, "block_type": "double"})

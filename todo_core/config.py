@@ -152,13 +152,12 @@ class ToDoConfig:
             return self.factors[grid.depth - 1]
         return factor_within_budget(grid.height, grid.width, self.budget_tokens(grid.depth))
 
-    def image_token_factor(self, height: int, width: int, patch_size: int) -> float:
-        """Factor for a DiT's ``height x width`` token grid, whose tokens cover ``patch_size``² latent cells.
+    def image_token_factor(self, height: int, width: int, native_tokens: int) -> float:
+        """Factor for a DiT's ``height x width`` token grid, whose native frame has ``native_tokens`` tokens.
 
         A DiT has one token grid: manual mode uses the depth-1 factor, auto mode
-        keeps at most the tokens of a square image at the native resolution.
+        keeps at most the image tokens of a frame at the model's native size.
         """
         if self.mode is FactorMode.MANUAL:
             return self.factors[0]
-        native_side = -(-self.native_latent_side // patch_size)
-        return factor_within_budget(height, width, native_side**2)
+        return factor_within_budget(height, width, native_tokens)

@@ -19,6 +19,7 @@ ComfyUI's ``optimized_attention_override``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import re
@@ -31,35 +32,82 @@ import torch
 from .choices import ConfigError
 from .config import ToDoConfig
 from .downsample import nearest_indices, output_side, output_tokens
-from .patch import SigmaWindow, warn_once
+from .patch import in_sigma_window, warn_once
 
 LATENT_INFO_KEY = "todo_latent"
 """``transformer_options`` entry in which the node's model wrapper records a :class:`LatentInfo`."""
 
 
 @dataclass(frozen=True, slots=True)
+class NativeSizeVariant:
+    """A member of a family trained at another size, told apart by a value of its model config."""
+
+    config_key: str
+    value: Any
+    native_size: tuple[int, int]
+
+
+@dataclass(frozen=True, slots=True)
 class DiTFamily:
-    """What ToDo needs to know of a DiT family to find its image tokens."""
+    """What ToDo needs to know of a DiT family to find its image tokens and its native token count."""
 
     name: str
     patch_size: tuple[int, int, int]
-    """Latent cells per token along (frames, height, width)."""
-    native_resolution: int
-    """Training resolution in pixels (square side): the auto mode's token budget."""
+    """Latent cells per token along (frames, height, width); the node takes the model's own where it reports one."""
+    native_size: tuple[int, int]
+    """Training resolution in pixels (width, height): auto mode keeps the image keys of one such frame."""
     video: bool = False
     """Self-attention over all frames of a video latent, image tokens only."""
+    variants: tuple[NativeSizeVariant, ...] = ()
+    """Members trained at another size (Wan 14B at 1280x720, Wan 2.2 5B at 1280x704)."""
+    latent_scale: int = 8
+    """Pixels per latent cell (the VAE's downscale); the node sets it from the model's latent format."""
+
+    def for_model(self, model_config: Mapping[str, Any], patch_size: tuple[int, int, int] | None,
+                  latent_scale: int) -> DiTFamily:  # fmt: skip
+        """This family as one model of it is built: its patch size, latent scale and native size."""
+        native = next(
+            (v.native_size for v in self.variants if model_config.get(v.config_key) == v.value), self.native_size
+        )
+        return dataclasses.replace(
+            self, patch_size=patch_size or self.patch_size, latent_scale=latent_scale, native_size=native
+        )
+
+    @property
+    def pixels_per_token(self) -> tuple[int, int]:
+        """Image pixels (height, width) one token covers: the VAE's downscale times the patch size."""
+        return self.latent_scale * self.patch_size[1], self.latent_scale * self.patch_size[2]
+
+    @property
+    def native_tokens(self) -> int:
+        """Image tokens of one frame at the native size: auto mode's key budget."""
+        (pixels_h, pixels_w), (width, height) = self.pixels_per_token, self.native_size
+        return -(-height // pixels_h) * -(-width // pixels_w)
 
 
 DIT_FAMILIES: dict[str, DiTFamily] = {
     family.name: family
     for family in (
-        DiTFamily("flux", (1, 2, 2), 1024),
-        DiTFamily("sd3", (1, 2, 2), 1024),
-        DiTFamily("qwen_image", (1, 2, 2), 1328),
-        DiTFamily("wan", (1, 2, 2), 640, video=True),
+        DiTFamily("flux", (1, 2, 2), (1024, 1024)),  # Flux.1 and Flux.2 (latent 16x, patch 1: 16 px per token too)
+        DiTFamily("sd3", (1, 2, 2), (1024, 1024)),
+        DiTFamily("qwen_image", (1, 2, 2), (1328, 1328)),
+        DiTFamily(
+            "wan",
+            (1, 2, 2),
+            (832, 480),  # Wan 2.1 1.3B
+            video=True,
+            variants=(
+                NativeSizeVariant("out_dim", 48, (1280, 704)),  # Wan 2.2 TI2V 5B: 48-channel latent of its 16x VAE
+                NativeSizeVariant("dim", 5120, (1280, 720)),  # Wan 2.1 14B, Wan 2.2 A14B
+            ),
+        ),
     )
 }
-"""Supported families. Wan's native side is that of its 832x480 training area."""
+"""Supported families and the sizes they were trained at."""
+
+LATENT_SCALES: dict[str, int] = {"Flux2": 16, "Wan22": 16}
+"""Pixels per latent cell of the latent formats (by ComfyUI class name) whose VAE is not the usual 8x."""
+DEFAULT_LATENT_SCALE = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,25 +357,21 @@ class ToDoAttentionOverride:
         config: ToDoConfig,
         family: DiTFamily,
         blocks: BlockSelection,
-        sigma_window: SigmaWindow | None = None,
         inner: AttentionOverride | None = None,
         mass_correction: bool = True,
     ) -> None:
         self.config = config
         self.family = family
         self.blocks = blocks
-        self.sigma_window = sigma_window
         self.inner = inner
         self.mass_correction = mass_correction
 
     def __repr__(self) -> str:
-        return f"ToDoAttentionOverride({self.family.name}, {self.config}, blocks={self.blocks}, {self.sigma_window})"
+        return f"ToDoAttentionOverride({self.family.name}, {self.config}, blocks={self.blocks})"
 
     def with_inner(self, inner: AttentionOverride | None) -> ToDoAttentionOverride:
         """The same override around another one (an override registered before ToDo's)."""
-        return ToDoAttentionOverride(
-            self.config, self.family, self.blocks, self.sigma_window, inner, self.mass_correction
-        )
+        return ToDoAttentionOverride(self.config, self.family, self.blocks, inner, self.mass_correction)
 
     def _call(self, attention: AttentionOverride, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.inner is not None:
@@ -335,7 +379,7 @@ class ToDoAttentionOverride:
         return attention(*args, **kwargs)
 
     def factor_for(self, layout: SequenceLayout) -> float:
-        return self.config.image_token_factor(layout.height, layout.width, self.family.patch_size[1])
+        return self.config.image_token_factor(layout.height, layout.width, self.family.native_tokens)
 
     def temporal_factor_for(self, layout: SequenceLayout) -> float:
         """Video families only, and only where there are frames to reduce."""
@@ -348,7 +392,7 @@ class ToDoAttentionOverride:
         if latent is None or len(args) < 3:
             return None
         q, k, v = args[:3]
-        if self.sigma_window is not None and not self.sigma_window.contains(options):
+        if not in_sigma_window(options):
             return None
         if not self._block_selected(options):
             return None

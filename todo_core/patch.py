@@ -46,12 +46,18 @@ def warn_once(kind: str, message: str, render: torch.Tensor | None = None) -> No
     logger.warning(message)
 
 
+SIGMA_WINDOW_KEY = "todo_sigma_window"
+"""``transformer_options`` entry: the :class:`SigmaWindow` of the current model call (absent = whole schedule)."""
+
+
 @dataclass(frozen=True, slots=True)
 class SigmaWindow:
     """The part of the schedule where ToDo acts, as sigmas (``low <= sigma <= high``).
 
-    Percents are converted by the model's own sampling schedule once, when the
-    node runs; the hot path only compares one float.
+    Percents are converted with the schedule the sampler really uses, at
+    sampling time: a shift node (``ModelSamplingFlux``, ``ModelSamplingSD3``,
+    ...) placed after ToDo changes it. The node's model-call wrapper converts
+    them once per model call; the hot path only compares one float.
     """
 
     low: float
@@ -64,6 +70,14 @@ class SigmaWindow:
             return None
         return cls(float(sigma_end), float(sigma_start))
 
+    @classmethod
+    def from_percents(cls, model_sampling: Any, start_percent: float, end_percent: float) -> SigmaWindow | None:
+        """The window of ``start_percent``..``end_percent`` on ``model_sampling``'s schedule (its ``percent_to_sigma``);
+        ``None`` for the whole schedule."""
+        if start_percent <= 0.0 and end_percent >= 1.0:
+            return None
+        return cls.between(model_sampling.percent_to_sigma(start_percent), model_sampling.percent_to_sigma(end_percent))
+
     def contains(self, options: Mapping[str, Any]) -> bool:
         sigmas = options.get("sigmas")
         if sigmas is None:
@@ -71,20 +85,24 @@ class SigmaWindow:
         return self.low <= float(sigmas.reshape(-1)[0]) <= self.high
 
 
-class ToDoAttn1Patch:
-    """Downsample self-attention keys/values for the depths and sigma range configured.
+def in_sigma_window(options: Mapping[str, Any]) -> bool:
+    """Whether this call's sigma lies in the window recorded for the model call (everywhere when none is)."""
+    window = options.get(SIGMA_WINDOW_KEY)
+    return window is None or window.contains(options)
 
-    ``sigma_window`` holds the schedule bounds already converted from percents
-    by the model's sampler. ``None`` means the whole schedule, so the hot path
-    never reads the sigma tensor (which would force a device sync on GPUs).
+
+class ToDoAttn1Patch:
+    """Downsample self-attention keys/values for the depths configured, inside the call's sigma window.
+
+    The window comes with each call (:data:`SIGMA_WINDOW_KEY`); without one the
+    hot path never reads the sigma tensor (which would force a device sync on GPUs).
     """
 
-    def __init__(self, config: ToDoConfig, sigma_window: SigmaWindow | None = None) -> None:
+    def __init__(self, config: ToDoConfig) -> None:
         self.config = config
-        self.sigma_window = sigma_window
 
     def __repr__(self) -> str:
-        return f"ToDoAttn1Patch({self.config}, {self.sigma_window})"
+        return f"ToDoAttn1Patch({self.config})"
 
     def grid_for(self, q: Tokens, k: Tokens, v: Tokens, extra_options: Mapping[str, Any]) -> TokenGrid | None:
         """The grid K/V live on, or ``None`` when this call is not spatial self-attention we can reduce."""
@@ -111,7 +129,7 @@ class ToDoAttn1Patch:
     def __call__(
         self, q: Tokens, k: Tokens, v: Tokens, extra_options: Mapping[str, Any]
     ) -> tuple[Tokens, Tokens, Tokens]:
-        if self.sigma_window is not None and not self.sigma_window.contains(extra_options):
+        if not in_sigma_window(extra_options):
             return q, k, v
         if _attn1_replaced(extra_options):
             return q, k, v
