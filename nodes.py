@@ -34,6 +34,7 @@ from .todo_core.dit import (
     LATENT_INFO_KEY,
     LATENT_SCALES,
     BlockSelection,
+    CrossAttentionFlag,
     DiTFamily,
     LatentInfo,
     ToDoAttentionOverride,
@@ -262,6 +263,8 @@ class ToDoModelPatch(io.ComfyNode):
 
         if family is not None:
             add_dit_override(patched, ToDoAttentionOverride(config, family, blocks))
+            flag_cross_attention(patched, family)
+            warn_about_unknown_blocks(patched, family, blocks)
         else:
             patched.set_model_attn1_patch(ToDoAttn1Patch(config))
         patched.add_wrapper_with_key(
@@ -296,6 +299,40 @@ def add_dit_override(patched, override: ToDoAttentionOverride) -> None:
     """
     options = patched.model_options.setdefault("transformer_options", {})
     options[OVERRIDE_KEY] = override.with_inner(options.get(OVERRIDE_KEY))
+
+
+def flag_cross_attention(patched, family: DiTFamily) -> None:
+    """Object patches that flag the calls of the family's cross-attention modules (restored after sampling)."""
+    if family.cross_attention is None:
+        return
+    for name, module in patched.get_model_object("diffusion_model").named_modules():
+        if name.rsplit(".", 1)[-1] == family.cross_attention:
+            original = type(module).forward.__get__(module)  # the class's own, never an earlier flag
+            patched.add_object_patch(f"diffusion_model.{name}.forward", CrossAttentionFlag(original))
+
+
+def block_counts(model, family: DiTFamily) -> dict[str, int]:
+    """Blocks per type as the model reports them in ``block_type`` / ``block_index``."""
+    diffusion_model = model.get_model_object("diffusion_model")
+    return {kind: len(getattr(diffusion_model, attribute, ())) for kind, attribute in family.block_lists}
+
+
+def warn_about_unknown_blocks(model, family: DiTFamily, blocks: BlockSelection) -> None:
+    """``dit_blocks`` items that select no block of this model would silently do nothing: say so, once."""
+    if blocks.is_all or not family.block_lists:
+        return  # a model without block indices is reported at sampling time
+    counts = block_counts(model, family)
+    unknown = blocks.names_nothing_in(counts)
+    if unknown:
+        have = ", ".join(f"{count} {kind} (0-{count - 1})" for kind, count in counts.items() if count)
+        logger.warning(
+            "ToDo: dit_blocks %s name%s no block of this %s model, which has %s blocks; %s.",
+            ", ".join(repr(u) for u in unknown),
+            "s" if len(unknown) == 1 else "",
+            family.name,
+            have,
+            "ToDo acts in no block" if len(unknown) == len(blocks.texts) else "the other items still apply",
+        )
 
 
 def _with_transformer_options(args: tuple, kwargs: dict, transform) -> tuple[tuple, dict]:

@@ -36,6 +36,24 @@ from .patch import in_sigma_window, warn_once
 
 LATENT_INFO_KEY = "todo_latent"
 """``transformer_options`` entry in which the node's model wrapper records a :class:`LatentInfo`."""
+CROSS_ATTENTION_KEY = "todo_cross_attention"
+"""``transformer_options`` entry set in the calls of a family's cross-attention modules (see CrossAttentionFlag)."""
+
+
+class CrossAttentionFlag:
+    """A cross-attention module's ``forward`` that flags its attention calls in ``transformer_options``.
+
+    Registered by the node as an object patch (ComfyUI restores the original
+    after sampling). Where the text is exactly as long as the video, shapes
+    cannot tell Wan's cross-attention from its self-attention; the flag can.
+    """
+
+    def __init__(self, forward: Callable[..., Any]) -> None:
+        self.forward = forward
+
+    def __call__(self, *args: Any, transformer_options: Mapping[str, Any] | None = None, **kwargs: Any) -> Any:
+        options = {**(transformer_options or {}), CROSS_ATTENTION_KEY: True}
+        return self.forward(*args, transformer_options=options, **kwargs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +80,12 @@ class DiTFamily:
     """Members trained at another size (Wan 14B at 1280x720, Wan 2.2 5B at 1280x704)."""
     latent_scale: int = 8
     """Pixels per latent cell (the VAE's downscale); the node sets it from the model's latent format."""
+    block_lists: tuple[tuple[str, str], ...] = ()
+    """(block type as the model reports it, attribute of the diffusion model holding those blocks); empty when the
+    model reports no block indices (SD3)."""
+    cross_attention: str | None = None
+    """Name of the modules whose attention is cross-attention to the text although its shapes may look like
+    self-attention (Wan's ``cross_attn``: as many text tokens as video tokens); the node flags their calls."""
 
     def for_model(self, model_config: Mapping[str, Any], patch_size: tuple[int, int, int] | None,
                   latent_scale: int) -> DiTFamily:  # fmt: skip
@@ -88,14 +112,18 @@ class DiTFamily:
 DIT_FAMILIES: dict[str, DiTFamily] = {
     family.name: family
     for family in (
-        DiTFamily("flux", (1, 2, 2), (1024, 1024)),  # Flux.1 and Flux.2 (latent 16x, patch 1: 16 px per token too)
+        DiTFamily(  # Flux.1 and Flux.2 (latent 16x, patch 1: 16 px per token too)
+            "flux", (1, 2, 2), (1024, 1024), block_lists=(("double", "double_blocks"), ("single", "single_blocks"))
+        ),
         DiTFamily("sd3", (1, 2, 2), (1024, 1024)),
-        DiTFamily("qwen_image", (1, 2, 2), (1328, 1328)),
+        DiTFamily("qwen_image", (1, 2, 2), (1328, 1328), block_lists=(("double", "transformer_blocks"),)),
         DiTFamily(
             "wan",
             (1, 2, 2),
             (832, 480),  # Wan 2.1 1.3B
             video=True,
+            block_lists=(("double", "blocks"),),
+            cross_attention="cross_attn",
             variants=(
                 NativeSizeVariant("out_dim", 48, (1280, 704)),  # Wan 2.2 TI2V 5B: 48-channel latent of its 16x VAE
                 NativeSizeVariant("dim", 5120, (1280, 720)),  # Wan 2.1 14B, Wan 2.2 A14B
@@ -276,6 +304,8 @@ class BlockSelection:
 
     items: tuple[tuple[str | None, int, int], ...] | None
     """(block type or None for any, first, last); ``None`` selects every block."""
+    texts: tuple[str, ...] = ()
+    """Each item as the user wrote it, for messages."""
 
     @classmethod
     def parse(cls, text: str) -> BlockSelection:
@@ -297,11 +327,21 @@ class BlockSelection:
             if high < low:
                 raise ConfigError(f"dit_blocks: range {raw.strip()!r} ends before it starts")
             items.append((block_type, low, high))
-        return cls(tuple(items))
+        return cls(tuple(items), tuple(raw.strip() for raw in text.split(",")))
 
     @property
     def is_all(self) -> bool:
         return self.items is None
+
+    def names_nothing_in(self, block_counts: Mapping[str, int]) -> list[str]:
+        """The items, as written, that select no block of a model with ``block_counts`` blocks per type."""
+        if self.items is None:
+            return []
+        return [
+            text
+            for (kind, low, _high), text in zip(self.items, self.texts, strict=True)
+            if not any(low < count for block_type, count in block_counts.items() if kind in (None, block_type))
+        ]
 
     def contains(self, block_type: str | None, block_index: int | None) -> bool:
         if self.items is None:
@@ -401,7 +441,7 @@ class ToDoAttentionOverride:
         same_keys = k.shape[: sequence_dim + 1] == v.shape[: sequence_dim + 1]
         if not same_keys or q.ndim != k.ndim or q.shape[sequence_dim] != k.shape[sequence_dim]:
             return None  # cross-attention (Wan's text, image-prompt tokens): nothing to reduce
-        if self.family.video and k.shape[sequence_dim] == latent.text_tokens:
+        if options.get(CROSS_ATTENTION_KEY):
             return None  # Wan's cross-attention looks like self-attention when the text is as long as the video
         layout = resolve_layout(k.shape[sequence_dim], latent, self.family)
         if layout is None:
@@ -414,8 +454,8 @@ class ToDoAttentionOverride:
             return None
         factor, temporal_factor = self.factor_for(layout), self.temporal_factor_for(layout)
         kept = output_side(layout.frames, temporal_factor) * output_tokens(layout.height, layout.width, factor, factor)
-        if kept in (1, layout.image_tokens):
-            return None
+        if kept == layout.image_tokens:
+            return None  # as on UNets, a factor that leaves one key per frame still acts
         return layout, factor, temporal_factor
 
     def _block_selected(self, options: Mapping[str, Any]) -> bool:
