@@ -17,6 +17,8 @@ ACCEPTED = [
     *[("native_resolution", value) for value in (0, 64, 1024, 8192)],
     *[("mode", value) for value in ("auto", "manual")],
     *[("method", v) for v in ("nearest", "avg_pool", "max_pool", "area", "bilinear", "bicubic", "nearest-exact")],
+    *[("temporal_factor", value) for value in (1.0, 1, 2.5, 8.0)],
+    *[("dit_blocks", v) for v in ("all", "", " ALL ", "double", "single:0-19", "double, single:5", "0-9, 30", "7")],
 ]  # fmt: skip
 NON_FINITE = (math.nan, math.inf, -math.inf)
 REFUSED = [
@@ -25,11 +27,19 @@ REFUSED = [
     *[("native_resolution", value) for value in (-8, 8, 63, 8193, 100.5, *NON_FINITE, "512")],
     ("mode", "Auto"), ("mode", "fast"), ("mode", 1), ("mode", ""),
     ("method", "nearest-ish"), ("method", "NEAREST"), ("method", 0), ("method", ""),
+    *[("temporal_factor", value) for value in (0.0, 0.999, 8.001, -1.0, *NON_FINITE, "2", True)],
+    *[("dit_blocks", v) for v in ("doubles", "3-1", "a-b", "1,,2", "-1", "single:0-", 5, ["all"])],
 ]  # fmt: skip
 
 
 def case_id(case) -> str:
     return f"{case[0]}={case[1]!r}"
+
+
+def test_every_input_of_the_node_has_bad_input_cases(node):
+    declared = node.define_schema().inputs
+    names = {i.id for i in declared} - {"model"}
+    assert names == {case[0] for case in ACCEPTED} == {case[0] for case in REFUSED}
 
 
 @pytest.mark.parametrize("case", ACCEPTED, ids=case_id)
@@ -64,6 +74,7 @@ API_REFUSED = [
     ("depth_1_factor", 8.5), ("depth_2_factor", -1.0), ("depth_3_factor", "abc"), ("depth_1_factor", math.nan),
     ("start_percent", 1.5), ("end_percent", "inf"), ("native_resolution", 8193), ("native_resolution", 32),
     ("native_resolution", "many"), ("mode", "fast"), ("mode", 3), ("method", None),
+    ("temporal_factor", 9.0), ("dit_blocks", "tripple"),
 ]  # fmt: skip
 
 

@@ -54,11 +54,52 @@ def test_workflows_are_served_as_templates(server):
         assert thumbnail.status == 200 and thumbnail.read() == first.with_suffix(".jpg").read_bytes()
 
 
+ACTING_NATIVE_RESOLUTION = 128
+"""The test copies run at 256 px, where auto mode would do nothing for a 512 px model: a lower native size makes
+ToDo act (factor 2 at 256 px, 4 at 512 px)."""
+SAMPLERS = ("KSampler", "KSamplerAdvanced", "SamplerCustom", "SamplerCustomAdvanced")
+
+
+def model_sources(prompt: dict, node_id: str) -> set[str]:
+    """Every node the ``model`` input of ``node_id`` comes through, transitively."""
+    link = prompt[node_id]["inputs"].get("model")
+    if not isinstance(link, list):
+        return set()
+    return {link[0], *model_sources(prompt, link[0])}
+
+
+def with_latents_saved(prompt: dict, tag: str) -> dict:
+    """Each sampler's latent saved too: random weights and 8-bit PNGs can hide a small change in the image."""
+    for node_id in [n for n, entry in prompt.items() if entry["class_type"] in SAMPLERS]:
+        prompt[f"{node_id}_latent"] = {
+            "class_type": "SaveLatent",
+            "inputs": {"samples": [node_id, 0], "filename_prefix": f"latents/{tag}_{node_id}"},
+        }
+    return prompt
+
+
+def without_todo(prompt: dict) -> dict:
+    """The same prompt with every ToDo node taken out and its consumers fed its input model."""
+    todo = {n: entry["inputs"]["model"] for n, entry in prompt.items() if entry["class_type"] == "ToDoModelPatch"}
+    out = {}
+    for node_id, entry in prompt.items():
+        if node_id in todo:
+            continue
+        inputs = {k: todo[v[0]] if isinstance(v, list) and v[0] in todo else v for k, v in entry["inputs"].items()}
+        out[node_id] = {**entry, "inputs": inputs}
+    return out
+
+
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
-def test_workflow_runs_end_to_end(server, path):
+def test_workflow_runs_end_to_end_and_todo_acts(server, path):
     prompt = reduced(to_api_prompt(json.loads(path.read_text()), ObjectInfo.node_classes(server.get("/object_info"))))
+    todo_nodes = [n for n, entry in prompt.items() if entry["class_type"] == "ToDoModelPatch"]
+    assert todo_nodes, "every example workflow shows the node"
+    for node_id in todo_nodes:
+        if prompt[node_id]["inputs"]["mode"] == "auto":
+            prompt[node_id]["inputs"]["native_resolution"] = ACTING_NATIVE_RESOLUTION
     start = time.monotonic()
-    entry = server.run_prompt(prompt)
+    entry = server.run_prompt(with_latents_saved(json.loads(json.dumps(prompt)), f"{path.stem}_todo"))
     TIMINGS[path.stem] = round(time.monotonic() - start, 1)
     print(f"{path.stem}: {TIMINGS[path.stem]} s")
     images = [image for output in entry["outputs"].values() for image in output.get("images", [])]
@@ -66,6 +107,17 @@ def test_workflow_runs_end_to_end(server, path):
     for image in images:
         written = server.base / "output" / image.get("subfolder", "") / image["filename"]
         assert written.is_file() and written.stat().st_size > 1000
+
+    plain = server.run_prompt(with_latents_saved(without_todo(prompt), f"{path.stem}_plain"))
+    samplers = [n for n, e in prompt.items() if e["class_type"] in SAMPLERS]
+    acted = [n for n in samplers if set(todo_nodes) & model_sources(prompt, n)]
+    assert acted, "a sampler runs on the ToDo model"
+    for node_id in acted:
+        with_todo = saved_latent(server, entry, f"{node_id}_latent")
+        assert torch.isfinite(with_todo).all()
+        assert not torch.equal(with_todo, saved_latent(server, plain, f"{node_id}_latent")), (
+            f"ToDo did not act in {node_id}"
+        )
 
 
 @pytest.mark.parametrize(("name", "value", "message"), [
