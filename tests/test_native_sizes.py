@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 from comfy_support import apply_node, import_comfyui, random_patcher
-from dit_support import CONTEXT_DIM, FLUX_TINY, WAN_TINY, with_probe
+from dit_support import CONTEXT_DIM, FLUX_TINY, QWEN_TINY, SD3_TINY, WAN_TINY, with_probe
 
 pytestmark = pytest.mark.comfyui
 
@@ -53,6 +53,7 @@ def classes(kind: str):
         "wan21": (sm.WAN21_T2V, comfy.model_base.WAN21),
         "flux": (sm.Flux, comfy.model_base.Flux),
         "qwen_image": (sm.QwenImage, comfy.model_base.QwenImage),
+        "sd3": (sm.SD3, comfy.model_base.SD3),
     }[kind]
 
 
@@ -77,6 +78,8 @@ REAL = {
     "flux1-dev": ("flux", {**FLUX_TINY, "hidden_size": 3072, "num_heads": 24, "axes_dim": [16, 56, 56],
                            "txt_ids_dims": []},
                   (1024, 1024), 16),
+    "sd3": ("sd3", SD3_TINY, (1024, 1024), 16),  # family defaults: only the config is read
+    "qwen-image": ("qwen_image", QWEN_TINY, (1328, 1328), 16),
 }  # fmt: skip
 
 
