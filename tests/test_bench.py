@@ -297,3 +297,62 @@ def cli_help() -> str:
     done = subprocess.run([sys.executable, "-m", "todo_core.bench", "--help"], capture_output=True, text=True,
                           check=True, cwd=cli.PACK_ROOT, env={**os.environ, **MMAP_ENV})  # fmt: skip
     return "".join(done.stdout.split())
+
+
+# The README's "What the tables below show" statements, checked against the committed results.
+
+
+@pytest.fixture(scope="module")
+def committed_rows():
+    return json.loads((cli.RESULTS_DIR / "results.json").read_text())["rows"]
+
+
+def _mean_errors(rows, factor):
+    errors = {}
+    for row in rows:
+        if row.get("kind") == "fidelity" and row["family"] == "todo" and row["setting"].endswith(f" x{factor}"):
+            errors.setdefault(row["setting"].split(" ")[0], []).append(row["rel_error"])
+    return {method: sum(values) / len(values) for method, values in errors.items()}
+
+
+def test_readme_method_statements_hold(committed_rows):
+    for factor in (2, 3, 4):
+        means = _mean_errors(committed_rows, factor)
+        assert min(means, key=means.get) == "nearest-exact"
+        assert means["nearest"] - means["nearest-exact"] < 0.01, "nearest less than a point behind"
+        assert min(means["avg_pool"], means["area"]) > means["nearest"]
+        assert max(means, key=means.get) == "max_pool"
+    at_2 = _mean_errors(committed_rows, 2)
+    assert 1.8 < at_2["avg_pool"] / at_2["nearest"] < 2.2, "about twice nearest's at factor 2"
+
+
+def test_readme_peer_statements_hold(committed_rows):
+    groups = {}
+    for row in report.equal_work_rows(committed_rows):
+        groups.setdefault((row["model"], row["depth"], row["work"]), []).append(row)
+    assert groups
+    for (model, _, work), members in groups.items():
+        todo = next(r for r in members if r["family"] == "todo")
+        assert todo["speedup"] == max(r["speedup"] for r in members), "ToDo has the highest speed-up"
+        best = min(members, key=lambda r: r["rel_error"])
+        if model == "sd15":
+            assert best is todo
+        else:
+            expected = "tome ratio 0.75" if work == 0.25 else "tome-qkv ratio 0.75"
+            assert f"{best['family']} {best['setting']}" == expected and best["speedup"] < todo["speedup"]
+            assert todo["rel_error"] - best["rel_error"] < 0.01, "slightly lower"
+        for peer in members:
+            if peer["family"].startswith("hypertile"):
+                assert peer["rel_error"] >= 2 * todo["rel_error"]
+
+
+def test_readme_overhead_and_model_statements_hold(committed_rows):
+    overheads = {row["setting"]: [] for row in committed_rows if "overhead" in row}
+    for row in committed_rows:
+        if "overhead" in row:
+            overheads[row["setting"]].append(row["overhead"])
+    values = [value for settings in overheads.values() for value in settings]
+    assert min(values) < 0 < max(values), "both signs"
+    assert any(float(setting.split("x")[-1]) % 1 for setting in overheads), "fractional factors timed"
+    model = {row["setting"]: row["seconds"] for row in committed_rows if row.get("level") == "model"}
+    assert model["hypertile-256"] < model["todo-2"] < model["unpatched"] <= model["tome-0.5"] * 1.02

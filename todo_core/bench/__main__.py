@@ -1,6 +1,6 @@
 """Benchmark ToDo against exact attention and its peers: speed, memory and fidelity, side by side in one run.
 
-    python -m todo_core.bench                    # quick preset, 1024²: about 15 minutes on 2 busy CPU cores
+    python -m todo_core.bench                    # quick: 1024² layers, one 512² model step (~20 min, 2 loaded cores)
     python -m todo_core.bench --preset full      # 1024² to 2048², every depth, both CPU backends (hours)
 
 Writes results.json, results.md and results.png to a new folder, bench-results/runs/<date-time>/ (git-ignored),
@@ -20,11 +20,13 @@ import platform
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..downsample import DownsampleMethod
 from .attention_level import AttentionConfig, count_fidelity_steps, count_timing_steps, fidelity_rows, timing_rows
 from .comfyui_path import ENABLE_HINT, PACK_ROOT, find_comfyui
 from .peers import load_peers
@@ -50,8 +52,14 @@ class ModelRun:
 
 PRESETS = {
     "quick": (
-        AttentionConfig(resolutions=(1024,), query_sample=1024),
-        (ModelRun("sd15", "768x768", "pytorch", ("unpatched", "todo-auto", "todo-2", "tome-0.5", "hypertile-256")),),
+        AttentionConfig(
+            resolutions=(1024,),
+            query_sample=1024,
+            timed_factors=(1.5, 2.0, 2.5, 4.0),
+            timed_methods=(DownsampleMethod.NEAREST,),
+            repeats=2,
+        ),
+        (ModelRun("sd15", "512x512", "pytorch", ("unpatched", "todo-2", "tome-0.5", "hypertile-256")),),
     ),
     "full": (
         AttentionConfig(
@@ -221,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         publish(meta, rows, args.out_dir, args.update_readme and args.readme_section)
         return 0
 
+    started = time.perf_counter()
     config, runs = PRESETS[args.preset]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
@@ -230,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__, "device": device.type, "dtype": str(dtype).replace("torch.", ""),
         "preset": args.preset, "photos": len(config.photos), "command": "python -m todo_core.bench "
         + " ".join(argv if argv is not None else sys.argv[1:]),
+        "load_average_start": _load_average(),
     }  # fmt: skip
     if device.type == "cuda":
         meta["gpu"] = torch.cuda.get_device_name(device)
@@ -248,9 +258,19 @@ def main(argv: list[str] | None = None) -> int:
                 runs = tuple(parse_model_run(text) for text in args.model_runs)
             rows += run_model_level(runs, comfyui, args.repeats, args.peer)
 
+    meta["load_average_end"] = _load_average()
+    meta["runtime_s"] = round(time.perf_counter() - started)
     write_json(args.out_dir / "results.json", meta, rows)
     publish(meta, rows, args.out_dir, args.update_readme and args.readme_section)
     return 0
+
+
+def _load_average() -> float | None:
+    """The 1-minute load average: how busy the machine was (other work slows and spreads every timing)."""
+    try:
+        return round(os.getloadavg()[0], 1)
+    except OSError:
+        return None
 
 
 def default_out_dir(update_readme: bool) -> Path:

@@ -156,7 +156,10 @@ def markdown(meta: dict, rows: list[dict], plot_name: str | None, compact: bool 
     parts = [
         f"Measured {meta.get('date', '?')} on {meta.get('machine', '?')} · torch {meta.get('torch', '?')} · "
         f"device {meta.get('device', '?')} · dtype {meta.get('dtype', '?')} · command `{meta.get('command', '?')}`"
-    ]
+        + (f" · {meta['runtime_s'] / 60:.0f} min in all" if "runtime_s" in meta else "")
+        + (f" · load average {meta['load_average_start']} at the start, {meta.get('load_average_end')} at the end"
+           if meta.get("load_average_start") is not None else "")
+    ]  # fmt: skip
     if plot_name:
         parts.append(f"![speed-up against fidelity]({plot_name})")
     if any(r.get("level") == "attention" for r in rows):
