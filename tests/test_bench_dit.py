@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from todo_core.bench.comfyui_path import PACK_ROOT
 from todo_core.bench.dit_attention import (
     TEXT_TOKENS,
     joint_inputs,
@@ -55,3 +58,54 @@ def test_summary_and_table():
     assert plain["error_mean"] == pytest.approx(0.3) and plain["error_max"] == 0.4
     table = markdown({"device": "CPU", "torch": "x"}, summary, [])
     assert "| 8x8 | 2 | 93 | 30.0% (20.0%–40.0%) | 2.0% (1.0%–3.0%) | 15.0% \u2192 1.0% |" in table
+
+
+# The README's DiT paragraphs quote the committed results; these tests keep the quotes and the results in step.
+
+COMMITTED = PACK_ROOT / "bench-results"
+
+
+def _readme() -> str:
+    return " ".join((PACK_ROOT / "README.md").read_text(encoding="utf-8").split())
+
+
+def _percent(value: float) -> str:
+    """As the README writes a percentage: one decimal below 1 %, whole numbers above."""
+    return f"{100 * value:.1f}" if value < 0.01 else f"{round(100 * value)}"
+
+
+def test_readme_quotes_the_committed_dit_attention_errors_and_costs():
+    data = json.loads((COMMITTED / "dit-attention" / "results.json").read_text())
+
+    def errors(factor: int, corrected: bool) -> str:
+        rows = [r for r in data["fidelity"] if r["factor"] == factor and r["mass_correction"] == corrected]
+        return f"{_percent(min(r['error_min'] for r in rows))}–{_percent(max(r['error_max'] for r in rows))} %"
+
+    def costs(variant: str) -> str:
+        seconds = {(r["grid"], r["factor"], r["variant"]): r["seconds"] for r in data["timing"]}
+        ratios = [seconds[(g, f, variant)] / seconds[(g, f, "todo_uncorrected")] - 1
+                  for g, f, v in seconds if v == variant]  # fmt: skip
+        return f"{_percent(min(ratios))}–{_percent(max(ratios))} %"
+
+    text = _readme()
+    assert (f"The correction takes the error of plain subsampling from {errors(2, False)} to {errors(2, True)} at "
+            f"factor 2 and from {errors(4, False)} to {errors(4, True)} at factor 4.") in text  # fmt: skip
+    assert f"the mask costs {costs('todo_mask')} against no correction" in text
+    assert f"log-sum-exp costs {costs('todo_lse_merge')}" in text
+
+
+def test_readme_quotes_the_committed_dit_model_latent_changes():
+    checks = json.loads((COMMITTED / "dit-model" / "results.json").read_text())["checks"]
+
+    def change(model: str, setting: str) -> str:
+        return f"{100 * checks[f'{model} 1024² {setting}: relative difference of the stepped latent']:.1f} %"
+
+    assert (f"Flux 1024² factor 2 moves it by {change('flux', 'todo-2')} with the correction and "
+            f"{change('flux', 'todo-2-no-mass-correction')} without, SD3 by {change('sd3', 'todo-2')} and "
+            f"{change('sd3', 'todo-2-no-mass-correction')}") in _readme()  # fmt: skip
+
+
+def test_dit_model_results_state_the_full_stack_assumption():
+    notes = json.loads((COMMITTED / "dit-model" / "results.json").read_text())["meta"]["notes"]
+    assert any(note.startswith("Few-block models") and "assumes" in note for note in notes)
+    assert "assumes" in (COMMITTED / "dit-model" / "results.md").read_text(encoding="utf-8")

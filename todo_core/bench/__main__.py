@@ -1,9 +1,11 @@
 """Benchmark ToDo against exact attention and its peers: speed, memory and fidelity, side by side in one run.
 
-    python -m todo_core.bench                    # quick preset: a few minutes on 2 CPU cores
-    python -m todo_core.bench --preset full      # every size and both ComfyUI CPU attention backends (long)
+    python -m todo_core.bench                    # quick: 1024² layers, one 512² model step (~20 min, 2 loaded cores)
+    python -m todo_core.bench --preset full      # 1024² to 2048², every depth, both CPU backends (hours)
 
-Writes results.json, results.md and results.png to --out-dir and prints the tables.
+Writes results.json, results.md and results.png to a new folder, bench-results/runs/<date-time>/ (git-ignored),
+and prints the tables. The committed bench-results/ and the README's tables change only when asked:
+--update-readme (which then writes to bench-results/ unless --out-dir says otherwise) or --out-dir bench-results.
 Attention level needs torch and scikit-image (photographs); the model level needs
 a ComfyUI checkout (COMFYUI_PATH or ~/comfy/ComfyUI) and is skipped without one.
 """
@@ -18,16 +20,24 @@ import platform
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..downsample import DownsampleMethod
 from .attention_level import AttentionConfig, count_fidelity_steps, count_timing_steps, fidelity_rows, timing_rows
 from .comfyui_path import ENABLE_HINT, PACK_ROOT, find_comfyui
+from .peers import load_peers
 from .report import markdown, plot, read_json, update_readme, write_json
 
 MODEL_RUNNER = PACK_ROOT / "benchmarks" / "comfyui_level.py"
+RESULTS_DIR = PACK_ROOT / "bench-results"
+"""The committed results, which the README's generated tables show."""
+RUNS_DIR = RESULTS_DIR / "runs"
+"""Where a run writes by default: one new, git-ignored folder per run."""
+README = PACK_ROOT / "README.md"
 MMAP_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 """Large buffers are mmapped and given back on free, so the peak resident memory of each call is measurable."""
 
@@ -42,11 +52,22 @@ class ModelRun:
 
 PRESETS = {
     "quick": (
-        AttentionConfig(query_sample=1024),
-        (ModelRun("sd15", "768x768", "pytorch", ("unpatched", "todo-auto", "todo-2", "tome-0.5", "hypertile-256")),),
+        AttentionConfig(
+            resolutions=(1024,),
+            query_sample=1024,
+            timed_factors=(1.5, 2.0, 2.5, 4.0),
+            timed_methods=(DownsampleMethod.NEAREST,),
+            repeats=2,
+        ),
+        (ModelRun("sd15", "512x512", "pytorch", ("unpatched", "todo-2", "tome-0.5", "hypertile-256")),),
     ),
     "full": (
-        AttentionConfig(query_sample=2048, timed_resolutions=(1024, 1536), depth_1_only_timing=False),
+        AttentionConfig(
+            resolutions=(1024, 1536, 2048),
+            query_sample=2048,
+            timed_resolutions=(1024, 1536),
+            depth_1_only_timing=False,
+        ),
         (
             ModelRun(
                 "sd15", "1024x1024", "sub-quad", ("unpatched", "todo-auto", "todo-2", "tome-0.5", "hypertile-256")
@@ -62,6 +83,7 @@ PRESETS = {
             resolutions=(256,),
             timed_resolutions=(256,),
             factors=(2.0,),
+            timed_factors=(1.5, 2.0),
             photos=("astronaut",),
             query_sample=128,
             repeats=1,
@@ -111,9 +133,13 @@ class Progress:
             print(file=sys.stderr)
 
 
-def run_attention_level(config: AttentionConfig, device: torch.device, dtype: torch.dtype) -> list[dict]:
-    rows = _with_progress(fidelity_rows(config, device, dtype), count_fidelity_steps(config), "attention fidelity")
-    return rows + _with_progress(timing_rows(config, device, dtype), count_timing_steps(config), "attention timing")
+def run_attention_level(config: AttentionConfig, device: torch.device, dtype: torch.dtype, peers) -> list[dict]:
+    rows = _with_progress(
+        fidelity_rows(config, device, dtype, peers), count_fidelity_steps(config), "attention fidelity"
+    )
+    return rows + _with_progress(
+        timing_rows(config, device, dtype, peers), count_timing_steps(config), "attention timing"
+    )
 
 
 def _with_progress(rows, total: int, label: str) -> list[dict]:
@@ -158,7 +184,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m todo_core.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="quick", help="sizes and settings (default quick)")
     parser.add_argument("--levels", nargs="+", choices=["attention", "model"], default=["attention", "model"])
-    parser.add_argument("--out-dir", type=Path, default=Path("bench-results"), help="where results go")
+    parser.add_argument(
+        "--out-dir",
+        type=Path,
+        default=None,
+        help="where results go (default: a new folder bench-results/runs/<date-time>/, git-ignored; "
+        "with --update-readme: the committed bench-results/)",
+    )
     parser.add_argument("--comfyui", type=Path, default=None, help="ComfyUI checkout (default: found automatically)")
     parser.add_argument("--repeats", type=int, default=1, help="model-level runs per setting (median)")
     parser.add_argument(
@@ -175,7 +207,11 @@ def main(argv: list[str] | None = None) -> int:
         metavar="MODEL:SIZE:ATTENTION:SETTING,...",
         help="model-level runs instead of the preset's, e.g. sd15:1024x1024:sub-quad:unpatched,todo-2",
     )
-    parser.add_argument("--update-readme", action="store_true", help="replace the README's generated section")
+    parser.add_argument(
+        "--update-readme",
+        action="store_true",
+        help="replace the README's generated section (and, without --out-dir, the committed bench-results/)",
+    )
     parser.add_argument("--readme-section", default="bench", help="which generated README section (default bench)")
     parser.add_argument(
         "--from-results",
@@ -185,12 +221,15 @@ def main(argv: list[str] | None = None) -> int:
         help="write tables, plot and README section from an earlier results.json; run nothing",
     )
     args = parser.parse_args(argv)
+    args.out_dir = args.out_dir or default_out_dir(args.update_readme)
     args.out_dir.mkdir(parents=True, exist_ok=True)
+    print(f"results go to {args.out_dir}", file=sys.stderr)
     if args.from_results:
         meta, rows = read_json(args.from_results)
         publish(meta, rows, args.out_dir, args.update_readme and args.readme_section)
         return 0
 
+    started = time.perf_counter()
     config, runs = PRESETS[args.preset]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
@@ -200,12 +239,15 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__, "device": device.type, "dtype": str(dtype).replace("torch.", ""),
         "preset": args.preset, "photos": len(config.photos), "command": "python -m todo_core.bench "
         + " ".join(argv if argv is not None else sys.argv[1:]),
+        "load_average_start": _load_average(),
     }  # fmt: skip
     if device.type == "cuda":
         meta["gpu"] = torch.cuda.get_device_name(device)
     rows: list[dict] = []
     if "attention" in args.levels:
-        rows += run_attention_level(config, device, dtype)
+        peers = load_peers(args.comfyui)
+        meta["peers"] = peers.source
+        rows += run_attention_level(config, device, dtype, peers)
     if "model" in args.levels:
         comfyui = args.comfyui or find_comfyui()
         if comfyui is None:
@@ -216,9 +258,31 @@ def main(argv: list[str] | None = None) -> int:
                 runs = tuple(parse_model_run(text) for text in args.model_runs)
             rows += run_model_level(runs, comfyui, args.repeats, args.peer)
 
+    meta["load_average_end"] = _load_average()
+    meta["runtime_s"] = round(time.perf_counter() - started)
     write_json(args.out_dir / "results.json", meta, rows)
     publish(meta, rows, args.out_dir, args.update_readme and args.readme_section)
     return 0
+
+
+def _load_average() -> float | None:
+    """The 1-minute load average: how busy the machine was (other work slows and spreads every timing)."""
+    try:
+        return round(os.getloadavg()[0], 1)
+    except OSError:
+        return None
+
+
+def default_out_dir(update_readme: bool) -> Path:
+    """The committed results when the README is to be updated (its tables link to them); else a new run folder."""
+    if update_readme:
+        return RESULTS_DIR
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out, suffix = RUNS_DIR / stamp, 1
+    while out.exists():
+        suffix += 1
+        out = RUNS_DIR / f"{stamp}-{suffix}"
+    return out
 
 
 def publish(meta: dict, rows: list[dict], out_dir: Path, readme_section: str | None) -> None:
@@ -232,7 +296,7 @@ def publish(meta: dict, rows: list[dict], out_dir: Path, readme_section: str | N
         section_text = markdown(
             meta, rows, f"{relative.as_posix()}/results.png" if plot_written else None, compact=True
         )
-        if not update_readme(PACK_ROOT / "README.md", section_text, readme_section):
+        if not update_readme(README, section_text, readme_section):
             print(f"README.md has no {readme_section} markers; not updated", file=sys.stderr)
 
 

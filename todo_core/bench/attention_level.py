@@ -1,15 +1,22 @@
 """Attention-level benchmark: exact self-attention against ToDo and its peers, on photo-structured tokens.
 
-Fidelity is the relative L2 error of the attention output against exact
-attention, on a seeded sample of query rows (each query's output is exact to
-compute on its own, so big grids stay affordable). Speed and memory come from
-whole-layer runs: key/value projections plus attention, with
-``torch.nn.functional.scaled_dot_product_attention`` as the backend.
+Every variant runs the same way, as a ComfyUI UNet's attn1 runs: the normalised hidden states go through the
+variant's attn1 patch pair (``before`` may change queries, keys and values; ``after`` maps the output back to one
+row per token), then the query, key and value projections, then attention (torch SDPA, with ComfyUI's batch
+convention: keys and values are viewed with the queries' batch size). Exact attention is the identity patch, ToDo
+downsamples the keys' and values' hidden states, and the peers are ComfyUI's own ``TomePatchModel`` and
+``HyperTile`` patches (see :mod:`.peers`). Timing covers the whole path, projections included, for every variant
+(the output projection is left out for every variant); the attention work kept is counted from the tensors that
+actually reach attention.
+
+Fidelity is the relative L2 error of the attention output against exact attention on a seeded sample of token
+rows. Attention is row-independent, so each sampled row is computed on its own from the query row that produces it
+(found by passing row numbers through the variant's ``after`` patch): the same numbers the full run gives, at a
+fraction of the cost on big grids.
 """
 
 from __future__ import annotations
 
-import itertools
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -19,10 +26,14 @@ import torch
 import torch.nn.functional as F
 
 from ..config import LATENT_SCALE
-from ..downsample import DownsampleMethod, downsample_tokens, output_side
+from ..downsample import DownsampleMethod, downsample_tokens
 from ..grid import ceil_side
 from .memory import measure_peak
-from .tokens import PHOTOS, AttentionLayer, attention_layer, merge_heads, photo_tokens
+from .peers import IDENTITY, Patch, TorchPeers, hypertile_qkv, load_peers, tome_qkv
+from .tokens import PHOTOS, AttentionLayer, attention_layer, photo_tokens
+
+SEED = 0
+"""Torch's global generator is seeded with this before every patched run (ToMe and HyperTile draw from it)."""
 
 
 @dataclass(frozen=True)
@@ -44,18 +55,29 @@ LAYER_SHAPES: dict[str, tuple[LayerShape, ...]] = {
     "sdxl": (LayerShape("sdxl", 2, 10, 64), LayerShape("sdxl", 3, 20, 64)),
 }
 
+FAMILIES = {
+    "exact": "exact attention",
+    "todo": "ToDo: keys and values downsampled on the grid, every query kept",
+    "tome": "ComfyUI's TomePatchModel as it runs: queries merged, every key and value kept, output unmerged",
+    "tome-qkv": "ToMe for SD's placement (ComfyUI's merge functions): hidden states merged, so queries, keys "
+    "and values",
+    "hypertile": "ComfyUI's HyperTile as it runs: query tiles moved into the batch, keys and values viewed with "
+    "that batch (each tile attends to N/tiles consecutive tokens)",
+    "hypertile-qkv": "the original HyperTile's placement (ComfyUI's divisor rule): hidden states tiled, each tile "
+    "attends within itself",
+}
+
 
 @dataclass(frozen=True)
 class Variant:
-    """One way of computing (approximate) self-attention, with its share of the exact score work."""
+    """One way of computing (approximate) self-attention."""
 
     family: str
     setting: str
-    work: float
 
     @property
     def label(self) -> str:
-        return f"{self.family} {self.setting}"
+        return f"{self.family} {self.setting}".strip()
 
 
 def grid_for(resolution: int, depth: int) -> tuple[int, int]:
@@ -63,87 +85,88 @@ def grid_for(resolution: int, depth: int) -> tuple[int, int]:
     return side, side
 
 
-# --- the variants ------------------------------------------------------------------------------------------------
+def extra_options(grid: tuple[int, int], heads: int) -> dict:
+    """What ComfyUI passes to attn1 patches; the layer's grid stands as the latent, so the peers act on it."""
+    return {"original_shape": [1, 4, grid[0], grid[1]], "n_heads": heads}
 
 
-def todo_variant(method: DownsampleMethod, factor: float, grid: tuple[int, int]) -> Variant:
-    kept = output_side(grid[0], factor) * output_side(grid[1], factor) / (grid[0] * grid[1])
-    return Variant("todo", f"{method.value} x{factor:g}", kept)
+# --- running a variant -------------------------------------------------------------------------------------------
 
 
-def todo_outputs(layer, hidden, grid, queries, method, factor) -> torch.Tensor:
-    """ToDo as the patch does it: downsample the hidden states on the grid, then project K/V."""
-    small = downsample_tokens(hidden, grid[0], grid[1], factor, factor, method)
-    k, v = layer.keys_values(small)
-    return F.scaled_dot_product_attention(queries, k, v)
+def comfy_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """``[B, N, C]`` attention as ComfyUI's PyTorch backend does it: every tensor viewed with the queries' batch."""
+    batch, _, width = q.shape
+    q, k, v = (t.reshape(batch, -1, heads, width // heads).transpose(1, 2) for t in (q, k, v))
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, -1, width)
 
 
-def tile_bounds(side: int, tiles: int) -> list[tuple[int, int]]:
-    edges = [round(i * side / tiles) for i in range(tiles + 1)]
-    return list(itertools.pairwise(edges))
+def work_kept(q: torch.Tensor, k: torch.Tensor, tokens: int) -> float:
+    """Query x key products computed, as a share of exact attention's: each of the ``q.shape[0]`` batch entries
+    attends its ``q.shape[1]`` queries to ``k.numel() / (q.shape[0] * C)`` keys."""
+    return q.shape[1] * (k.shape[0] * k.shape[1]) / tokens**2
 
 
-def hypertile_outputs(layer, hidden, grid, query_index, tiles: int) -> torch.Tensor:
-    """HyperTile's idea: each query attends only to the keys of its own spatial tile (tiles x tiles per image)."""
-    height, width = grid
-    rows, cols = query_index // width, query_index % width
-    out = torch.empty(1, layer.heads, query_index.numel(), layer.head_dim, dtype=hidden.dtype, device=hidden.device)
-    grid_hidden = hidden.view(1, height, width, -1)
-    for r0, r1 in tile_bounds(height, tiles):
-        for c0, c1 in tile_bounds(width, tiles):
-            inside = ((rows >= r0) & (rows < r1) & (cols >= c0) & (cols < c1)).nonzero().flatten()
-            if inside.numel() == 0:
-                continue
-            tile = grid_hidden[:, r0:r1, c0:c1].reshape(1, -1, hidden.shape[-1])
-            k, v = layer.keys_values(tile)
-            q = layer.queries(hidden[:, query_index[inside]])
-            out[:, :, inside] = F.scaled_dot_product_attention(q, k, v)
-    return out
+def run_attn1(layer: AttentionLayer, hidden: torch.Tensor, patch: Patch, options: dict) -> tuple[torch.Tensor, float]:
+    """One self-attention layer through ``patch``: ``[1, N, C]`` output (before the output projection), work kept."""
+    torch.manual_seed(SEED)
+    n, context, value = patch.before(hidden, hidden, hidden, options)
+    q, k, v = n @ layer.w_q, context @ layer.w_k, value @ layer.w_v
+    return patch.after(comfy_attention(q, k, v, layer.heads), options), work_kept(q, k, hidden.shape[1])
 
 
-def tome_merge(hidden: torch.Tensor, grid: tuple[int, int], ratio: float, generator: torch.Generator):
-    """Token merging in the style of ToMe for SD: one random destination per 2x2 block, the most similar
-    source tokens averaged into their destinations. Returns merged tokens and each token's representative."""
-    height, width = grid
-    n_tokens = height * width
-    rows = torch.arange(height).repeat_interleave(width)
-    cols = torch.arange(width).repeat(height)
-    block_id = (rows // 2) * ((width + 1) // 2) + cols // 2
-    offset = torch.randint(0, 4, ((height + 1) // 2 * ((width + 1) // 2),), generator=generator)
-    is_dst = ((rows % 2) * 2 + (cols % 2)) == offset[block_id]
-    # Blocks cut by an odd border may miss their chosen cell: their tokens stay sources of the nearest block.
-    dst = is_dst.nonzero().flatten()
-    src = (~is_dst).nonzero().flatten()
-    merged_count = min(int(ratio * n_tokens), src.numel())
-    x = F.normalize(hidden[0].float(), dim=-1)
-    similarity = x[src] @ x[dst].T
-    best_score, best_dst = similarity.max(dim=-1)
-    order = best_score.argsort(descending=True)
-    merged_src, kept_src = order[:merged_count], order[merged_count:]
-    # Representatives: kept sources first, then destinations.
-    representative = torch.empty(n_tokens, dtype=torch.long)
-    representative[src[kept_src]] = torch.arange(kept_src.numel())
-    representative[dst] = kept_src.numel() + torch.arange(dst.numel())
-    representative[src[merged_src]] = kept_src.numel() + best_dst[merged_src]
-    sums = torch.zeros(kept_src.numel() + dst.numel(), hidden.shape[-1], dtype=hidden.dtype)
-    counts = torch.zeros(sums.shape[0], 1, dtype=hidden.dtype)
-    sums.index_add_(0, representative, hidden[0])
-    counts.index_add_(0, representative, torch.ones(n_tokens, 1, dtype=hidden.dtype))
-    return (sums / counts).unsqueeze(0), representative
+def sampled_rows(
+    layer: AttentionLayer, hidden: torch.Tensor, patch: Patch, options: dict, token_index: torch.Tensor
+) -> tuple[torch.Tensor, float]:
+    """Rows ``token_index`` of :func:`run_attn1`'s output, computing only the attention rows they come from."""
+    torch.manual_seed(SEED)
+    n, context, value = patch.before(hidden, hidden, hidden, options)
+    batch, rows_per_entry, width = n.shape
+    row_ids = torch.arange(batch * rows_per_entry, dtype=torch.float64, device=hidden.device)
+    source = patch.after(row_ids.view(batch, rows_per_entry, 1), options)[0, token_index, 0].round().long()
+    k = (context @ layer.w_k).reshape(batch, -1, width)
+    v = (value @ layer.w_v).reshape(batch, -1, width)
+    out = torch.empty(1, token_index.numel(), width, dtype=hidden.dtype, device=hidden.device)
+    entry, row = source // rows_per_entry, source % rows_per_entry
+    for b in entry.unique().tolist():
+        picked = (entry == b).nonzero().flatten()
+        q = n[b : b + 1, row[picked]] @ layer.w_q
+        out[:, picked] = comfy_attention(q, k[b : b + 1], v[b : b + 1], layer.heads)
+    return out, work_kept(n, context, hidden.shape[1])
 
 
-def tome_outputs(layer, hidden, grid, query_index, ratio: float) -> torch.Tensor:
-    """ToMe: queries, keys and values all merged; each token gets its representative's output."""
-    generator = torch.Generator().manual_seed(0)
-    merged, representative = tome_merge(hidden.cpu(), grid, ratio, generator)
-    merged = merged.to(hidden.device)
-    k, v = layer.keys_values(merged)
-    q = layer.queries(merged[:, representative[query_index.cpu()].to(hidden.device)])
-    return F.scaled_dot_product_attention(q, k, v)
+def todo_patch(grid: tuple[int, int], method: DownsampleMethod, factor: float) -> Patch:
+    """ToDo as the node does it: the keys' and values' hidden states downsampled on the grid, queries untouched."""
+
+    def before(n, context, value, options):
+        small = downsample_tokens(context, grid[0], grid[1], factor, factor, method)
+        return n, small, small
+
+    return Patch(before, IDENTITY.after)
 
 
-def tome_work(ratio: float) -> float:
-    return (1.0 - ratio) ** 2
+def pre_reduced_patch(small: torch.Tensor) -> Patch:
+    """Attention on keys and values reduced beforehand: what ToDo would cost with a free downsampling."""
+    return Patch(lambda n, context, value, options: (n, small, small), IDENTITY.after)
+
+
+def peer_variants(
+    config: AttentionConfig, grid: tuple[int, int], peers: TorchPeers
+) -> Iterator[tuple[Variant, Callable[[], Patch]]]:
+    """HyperTile and ToMe, each as ComfyUI's node runs it and as the original places it."""
+    for tiles in config.hypertile_tiles:
+        if grid[0] != grid[1] or grid[0] % tiles:
+            continue  # square grids only (the benchmark's): equal tiles, and HyperTile's aspect rule is moot
+        tile_size = 8 * grid[0] // tiles
+        setting = f"{tiles}x{tiles} tiles"
+        yield Variant("hypertile", setting), lambda s=tile_size: peers.hypertile_node(s)
+        yield Variant("hypertile-qkv", setting), lambda s=tile_size: hypertile_qkv(peers, s)
+    for ratio in config.tome_ratios:
+        yield Variant("tome", f"ratio {ratio:g}"), lambda r=ratio: peers.tome_node(r)
+        yield Variant("tome-qkv", f"ratio {ratio:g}"), lambda r=ratio: tome_qkv(peers, r)
+
+
+def todo_variant(method: DownsampleMethod, factor: float) -> Variant:
+    return Variant("todo", f"{method.value} x{factor:g}")
 
 
 # --- measurement -------------------------------------------------------------------------------------------------
@@ -152,12 +175,13 @@ def tome_work(ratio: float) -> float:
 @dataclass(frozen=True)
 class AttentionConfig:
     models: tuple[str, ...] = ("sd15", "sdxl")
-    resolutions: tuple[int, ...] = (1024, 1536, 2048)
+    resolutions: tuple[int, ...] = (1024,)
     timed_resolutions: tuple[int, ...] = (1024,)
     factors: tuple[float, ...] = (2.0, 3.0, 4.0)
+    timed_factors: tuple[float, ...] = (1.5, 2.0, 2.5, 3.0, 4.0)
     methods: tuple[DownsampleMethod, ...] = tuple(DownsampleMethod)
     timed_methods: tuple[DownsampleMethod, ...] = (DownsampleMethod.NEAREST, DownsampleMethod.AVG_POOL)
-    hypertile_tiles: tuple[int, ...] = (2, 3, 4)
+    hypertile_tiles: tuple[int, ...] = (2, 4)
     tome_ratios: tuple[float, ...] = (0.5, 0.75)
     photos: tuple[str, ...] = PHOTOS
     query_sample: int = 2048
@@ -166,129 +190,126 @@ class AttentionConfig:
 
 
 def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
-    a, e = merge_heads(approx).float(), merge_heads(exact).float()
+    a, e = approx.float(), exact.float()
     return float((a - e).norm() / e.norm())
 
 
-def time_call(call: Callable[[], torch.Tensor], device: torch.device, repeats: int) -> tuple[float, int | None]:
-    """Median seconds over ``repeats`` runs after one warm-up, and the peak extra memory of one run."""
+def time_call(call: Callable[[], object], device: torch.device, repeats: int) -> tuple[list[float], int | None]:
+    """Seconds of ``repeats`` runs after one warm-up, and the peak extra memory of the first timed run (reading
+    the peak costs microseconds next to a layer)."""
     call()
-    _, peak = measure_peak(call, device)
-    seconds = []
-    for _ in range(repeats):
+    seconds: list[float] = []
+    peak = None
+    for index in range(repeats):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        call()
+        if index == 0:
+            _, peak = measure_peak(call, device)
+        else:
+            call()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds), peak
+    return seconds, peak
 
 
-def fidelity_rows(config: AttentionConfig, device: torch.device, dtype: torch.dtype) -> Iterator[dict]:
+def fidelity_rows(
+    config: AttentionConfig, device: torch.device, dtype: torch.dtype, peers: TorchPeers | None = None
+) -> Iterator[dict]:
     """Relative error of every variant against exact attention, averaged over the photos; one row per variant."""
+    peers = peers or load_peers()
     for model in config.models:
         for shape in LAYER_SHAPES[model]:
             for resolution in config.resolutions:
                 grid = grid_for(resolution, shape.depth)
-                yield from _fidelity_for_layer(config, shape, resolution, grid, device, dtype)
+                yield from _fidelity_for_layer(config, shape, resolution, grid, device, dtype, peers)
 
 
-def _variants(config: AttentionConfig, grid: tuple[int, int]):
+def _fidelity_variants(config, grid, peers):
     for method in config.methods:
         for factor in config.factors:
-            yield (
-                todo_variant(method, factor, grid),
-                (lambda layer, hidden, q, idx, m=method, f=factor: todo_outputs(layer, hidden, grid, q, m, f)),
-            )
-    for tiles in config.hypertile_tiles:
-        yield (
-            Variant("hypertile", f"{tiles}x{tiles} tiles", 1.0 / tiles**2),
-            (lambda layer, hidden, q, idx, t=tiles: hypertile_outputs(layer, hidden, grid, idx, t)),
-        )
-    for ratio in config.tome_ratios:
-        yield (
-            Variant("tome", f"ratio {ratio:g}", tome_work(ratio)),
-            (lambda layer, hidden, q, idx, r=ratio: tome_outputs(layer, hidden, grid, idx, r)),
-        )
+            yield todo_variant(method, factor), lambda m=method, f=factor: todo_patch(grid, m, f)
+    yield from peer_variants(config, grid, peers)
 
 
-def _fidelity_for_layer(config, shape, resolution, grid, device, dtype) -> Iterator[dict]:
+def _fidelity_for_layer(config, shape, resolution, grid, device, dtype, peers) -> Iterator[dict]:
     errors: dict[Variant, list[float]] = {}
+    work: dict[Variant, float] = {}
+    options = extra_options(grid, shape.heads)
     for photo in config.photos:
         hidden = photo_tokens(photo, grid[0], grid[1], shape.channels).to(device, dtype)
         layer = attention_layer(hidden, shape.heads, shape.head_dim)
-        generator = torch.Generator().manual_seed(2)
         n_tokens = grid[0] * grid[1]
-        query_index = torch.randperm(n_tokens, generator=generator)[: config.query_sample].sort().values.to(device)
-        q = layer.queries(hidden[:, query_index])
-        exact = F.scaled_dot_product_attention(q, *layer.keys_values(hidden))
-        for variant, compute in _variants(config, grid):
-            errors.setdefault(variant, []).append(relative_error(compute(layer, hidden, q, query_index), exact))
+        generator = torch.Generator().manual_seed(2)
+        token_index = torch.randperm(n_tokens, generator=generator)[: config.query_sample].sort().values.to(device)
+        exact, _ = sampled_rows(layer, hidden, IDENTITY, options, token_index)
+        for variant, make_patch in _fidelity_variants(config, grid, peers):
+            approx, work[variant] = sampled_rows(layer, hidden, make_patch(), options, token_index)
+            errors.setdefault(variant, []).append(relative_error(approx, exact))
     for variant, values in errors.items():
         yield {
             "level": "attention", "kind": "fidelity", "model": shape.model, "depth": shape.depth,
             "resolution": resolution, "grid": list(grid), "family": variant.family, "setting": variant.setting,
-            "work": variant.work, "rel_error": statistics.fmean(values), "photos": len(values),
+            "work": work[variant], "rel_error": statistics.fmean(values), "photos": len(values),
+            "peers": peers.source,
         }  # fmt: skip
 
 
-def timing_rows(config: AttentionConfig, device: torch.device, dtype: torch.dtype) -> Iterator[dict]:
-    """Whole-layer time and peak memory: exact, ToDo, and attention on pre-reduced K/V of the same size."""
+def timing_rows(
+    config: AttentionConfig, device: torch.device, dtype: torch.dtype, peers: TorchPeers | None = None
+) -> Iterator[dict]:
+    """Whole-layer time and peak memory of every variant on the same inputs, and ToDo against pre-reduced K/V."""
+    peers = peers or load_peers()
     for model in config.models:
         shapes = LAYER_SHAPES[model][:1] if config.depth_1_only_timing else LAYER_SHAPES[model]
         for shape in shapes:
             for resolution in config.timed_resolutions:
                 grid = grid_for(resolution, shape.depth)
-                yield from _timing_for_layer(config, shape, resolution, grid, device, dtype)
+                yield from _timing_for_layer(config, shape, resolution, grid, device, dtype, peers)
 
 
-def _timing_for_layer(config, shape, resolution, grid, device, dtype) -> Iterator[dict]:
+def _timing_for_layer(config, shape, resolution, grid, device, dtype, peers) -> Iterator[dict]:
     hidden = photo_tokens(config.photos[0], grid[0], grid[1], shape.channels).to(device, dtype)
     layer: AttentionLayer = attention_layer(hidden, shape.heads, shape.head_dim)
-    q = layer.queries(hidden)
+    options = extra_options(grid, shape.heads)
     n_tokens = grid[0] * grid[1]
     bytes_per = torch.finfo(dtype).bits // 8
 
-    def exact():
-        return F.scaled_dot_product_attention(q, *layer.keys_values(hidden))
+    def timed(patch: Patch) -> tuple[list[float], int | None, float]:
+        works = []
 
-    base_seconds, base_peak = time_call(exact, device, config.repeats)
-    common = {"level": "attention", "kind": "timing", "model": shape.model, "depth": shape.depth,
-              "resolution": resolution, "grid": list(grid), "device": device.type, "dtype": str(dtype)}  # fmt: skip
-    yield {**common, "family": "exact", "setting": "", "work": 1.0, "seconds": base_seconds, "peak_bytes": base_peak,
-           "dense_score_bytes": shape.heads * n_tokens * n_tokens * bytes_per, "speedup": 1.0}  # fmt: skip
-    for method in config.timed_methods:
-        for factor in config.factors:
-            variant = todo_variant(method, factor, grid)
-            small = downsample_tokens(hidden, grid[0], grid[1], factor, factor, method)
+        def call():
+            works.append(run_attn1(layer, hidden, patch, options)[1])
 
-            def with_todo(m=method, f=factor):
-                return todo_outputs(layer, hidden, grid, q, m, f)
-
-            def pre_reduced(s=small):
-                return F.scaled_dot_product_attention(q, *layer.keys_values(s))
-
-            seconds, peak = time_call(with_todo, device, config.repeats)
-            reduced_seconds, _ = time_call(pre_reduced, device, config.repeats)
-            kept = small.shape[1]
-            yield {**common, "family": "todo", "setting": variant.setting, "work": variant.work, "seconds": seconds,
-                   "peak_bytes": peak, "dense_score_bytes": shape.heads * n_tokens * kept * bytes_per,
-                   "speedup": base_seconds / seconds, "pre_reduced_seconds": reduced_seconds,
-                   "overhead": seconds / reduced_seconds - 1.0,
-                   "memory_ratio": (base_peak / peak) if base_peak and peak else None}  # fmt: skip
-    all_queries = torch.arange(n_tokens, device=device)
-    peers = [
-        *((Variant("hypertile", f"{t}x{t} tiles", 1.0 / t**2),
-           lambda t=t: hypertile_outputs(layer, hidden, grid, all_queries, t)) for t in config.hypertile_tiles),
-        *((Variant("tome", f"ratio {r:g}", tome_work(r)),
-           lambda r=r: tome_outputs(layer, hidden, grid, all_queries, r)) for r in config.tome_ratios),
-    ]  # fmt: skip
-    for variant, call in peers:
         seconds, peak = time_call(call, device, config.repeats)
-        yield {**common, "family": variant.family, "setting": variant.setting, "work": variant.work,
-               "seconds": seconds, "peak_bytes": peak, "speedup": base_seconds / seconds}  # fmt: skip
+        return seconds, peak, works[0]
+
+    base_runs, base_peak, _ = timed(IDENTITY)
+    base_seconds = statistics.median(base_runs)
+    common = {"level": "attention", "kind": "timing", "model": shape.model, "depth": shape.depth,
+              "resolution": resolution, "grid": list(grid), "device": device.type, "dtype": str(dtype),
+              "projections": "q, k, v", "peers": peers.source}  # fmt: skip
+
+    def row(variant: Variant, runs: list[float], peak: int | None, work: float, **extra) -> dict:
+        seconds = statistics.median(runs)
+        return {**common, "family": variant.family, "setting": variant.setting, "work": work, "seconds": seconds,
+                "runs": runs, "peak_bytes": peak, "speedup": base_seconds / seconds,
+                "memory_ratio": (base_peak / peak) if base_peak and peak else None,
+                "dense_score_bytes": round(shape.heads * n_tokens**2 * work) * bytes_per, **extra}  # fmt: skip
+
+    yield row(Variant("exact", ""), base_runs, base_peak, 1.0)
+    for method in config.timed_methods:
+        for factor in config.timed_factors:
+            small = downsample_tokens(hidden, grid[0], grid[1], factor, factor, method)
+            runs, peak, work = timed(todo_patch(grid, method, factor))
+            reduced_runs, _, _ = timed(pre_reduced_patch(small))
+            reduced = statistics.median(reduced_runs)
+            yield row(todo_variant(method, factor), runs, peak, work, pre_reduced_seconds=reduced,
+                      overhead=statistics.median(runs) / reduced - 1.0)  # fmt: skip
+    for variant, make_patch in peer_variants(config, grid, peers):
+        runs, peak, work = timed(make_patch())
+        yield row(variant, runs, peak, work)
 
 
 def count_fidelity_steps(config: AttentionConfig) -> int:

@@ -9,6 +9,8 @@ from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 
+from .attention_level import FAMILIES
+
 logger = logging.getLogger("comfyui_todo")
 
 
@@ -81,20 +83,57 @@ def best_method_table(rows: list[dict]) -> str:
     return _table(["factor", "best method", "mean error", "runner-up", "its error", "nearest"], body) if body else ""
 
 
+def _ms_spread(row: dict) -> str:
+    runs = row.get("runs")
+    if not runs or len(runs) < 2:
+        return "—"
+    return f"{min(runs) * 1000:,.0f}–{max(runs) * 1000:,.0f}"
+
+
 def attention_timing_table(rows: list[dict], first_layers_only: bool = False) -> str:
     timing = [r for r in rows if r.get("kind") == "timing"]
     if first_layers_only:
         timing = [r for r in timing if r["depth"] == first_layer(timing, r["model"])]
     body = [
         [f"{r['model']} d{r['depth']} {r['resolution']}²", f"{r['family']} {r['setting']}".strip(),
-         f"{r['seconds'] * 1000:,.0f}", f"{r['speedup']:.2f}×",
-         f"{100 * r['overhead']:+.1f} %" if "overhead" in r else "—",
+         _pct(r["work"]) if "work" in r else "—", f"{r['seconds'] * 1000:,.0f}", _ms_spread(r),
+         f"{r['speedup']:.2f}×", f"{100 * r['overhead']:+.1f} %" if "overhead" in r else "—",
          _mib(r.get("peak_bytes")), _mib(r.get("dense_score_bytes"))]
         for r in timing
     ]  # fmt: skip
-    header = ["layer", "variant", "ms", "speed-up", "ToDo overhead vs pre-reduced K/V", "peak MiB (measured)",
-              "dense scores MiB (computed)"]  # fmt: skip
+    header = ["layer", "variant", "attention work kept", "ms (median)", "ms (min–max)", "speed-up",
+              "ToDo overhead vs pre-reduced K/V", "peak MiB (measured)", "dense scores MiB (computed)"]  # fmt: skip
     return _table(header, body) if body else ""
+
+
+def equal_work_rows(rows: list[dict]) -> list[dict]:
+    """Timed variants joined with their error on the same layer and size, grouped by the attention work kept.
+
+    Only groups holding ToDo and at least one peer are kept: the like-for-like comparison."""
+    errors = {(r["model"], r["depth"], r["resolution"], r["family"], r["setting"]): r["rel_error"]
+              for r in rows if r.get("kind") == "fidelity"}  # fmt: skip
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        if r.get("kind") != "timing" or r["family"] == "exact":
+            continue
+        error = errors.get((r["model"], r["depth"], r["resolution"], r["family"], r["setting"]))
+        if error is not None:
+            groups[(r["model"], r["depth"], r["resolution"], round(r["work"], 4))].append({**r, "rel_error": error})
+    joined = []
+    for key in sorted(groups, key=lambda k: (k[0], k[1], k[2], -k[3])):
+        families = {r["family"] for r in groups[key]}
+        if "todo" in families and len(families) > 1:
+            joined += sorted(groups[key], key=lambda r: r["rel_error"])
+    return joined
+
+
+def equal_work_table(rows: list[dict]) -> str:
+    body = [
+        [f"{r['model']} d{r['depth']} {r['resolution']}²", _pct(r["work"]), f"{r['family']} {r['setting']}",
+         _pct(r["rel_error"]), f"{r['speedup']:.2f}×"]
+        for r in equal_work_rows(rows)
+    ]  # fmt: skip
+    return _table(["layer", "attention work kept", "variant", "error", "speed-up"], body) if body else ""
 
 
 def model_table(rows: list[dict]) -> str:
@@ -117,16 +156,28 @@ def markdown(meta: dict, rows: list[dict], plot_name: str | None, compact: bool 
     parts = [
         f"Measured {meta.get('date', '?')} on {meta.get('machine', '?')} · torch {meta.get('torch', '?')} · "
         f"device {meta.get('device', '?')} · dtype {meta.get('dtype', '?')} · command `{meta.get('command', '?')}`"
-    ]
+        + (f" · {meta['runtime_s'] / 60:.0f} min in all" if "runtime_s" in meta else "")
+        + (f" · load average {meta['load_average_start']} at the start, {meta.get('load_average_end')} at the end"
+           if meta.get("load_average_start") is not None else "")
+    ]  # fmt: skip
     if plot_name:
         parts.append(f"![speed-up against fidelity]({plot_name})")
+    if any(r.get("level") == "attention" for r in rows):
+        parts.append("Variants: " + "; ".join(f"`{name}`: {text}" for name, text in FAMILIES.items()) + ". "
+                     f"Peers: {meta.get('peers', '?')}. The peers act at every layer measured here "
+                     "(ComfyUI's nodes act only at the full-resolution depth by default).")  # fmt: skip
+    repeats = max((len(r.get("runs", [])) for r in rows if r.get("kind") == "timing"), default=0)
     sections = [
         ("Attention-level fidelity: relative error of the attention output against exact attention "
          f"(mean over {meta.get('photos', '?')} photograph(s); first attention depth of each model)",
          fidelity_table(rows)),
+        ("At equal attention work: error and measured speed-up of ToDo and its peers on the timed layers "
+         "(same layer, same size; sorted by error)", equal_work_table(rows)),
         ("Which ToDo method is most faithful, per factor (mean over every layer and resolution measured)",
          best_method_table(rows)),
-        ("Attention-level speed and memory (one layer, keys/values projected and attended; torch SDPA"
+        ("Attention-level speed and memory (one layer from the same precomputed hidden states for every variant: "
+         "the variant's patch, Q, K and V projections and torch SDPA, output projection excluded for all; "
+         f"median of {repeats} runs after a warm-up"
          + ("; first attention depth of each model, every depth in results.md)" if compact else ")"),
          attention_timing_table(rows, first_layers_only=compact)),
         ("Model level: one Euler step with CFG (cond + uncond) through ComfyUI, full-size UNet, random weights",
@@ -152,8 +203,9 @@ def plot(rows: list[dict], path: Path) -> bool:
                 for r in rows if r.get("kind") == "fidelity"}  # fmt: skip
     timing = [r for r in rows if r.get("kind") == "timing" and r["family"] != "exact"]
     figure, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
-    markers = {"todo": "o", "hypertile": "s", "tome": "^"}
-    colors = {"nearest": "tab:blue", "avg_pool": "tab:orange", "hypertile": "tab:purple", "tome": "tab:gray"}
+    markers = {"todo": "o", "hypertile": "s", "hypertile-qkv": "D", "tome": "^", "tome-qkv": "v"}
+    colors = {"nearest": "tab:blue", "avg_pool": "tab:orange", "hypertile": "tab:purple", "hypertile-qkv": "tab:pink",
+              "tome": "tab:gray", "tome-qkv": "tab:brown"}  # fmt: skip
     labelled = set()
     for r in timing:
         error = fidelity.get((r["model"], r["depth"], r["resolution"], r["family"], r["setting"]))
