@@ -222,6 +222,9 @@ class AttentionCall:
     grid: tuple[int, int]
     q_tokens: int
     kv_tokens: int
+    q_batch: int = 0
+    kv_batch: int = 0
+    """More query than key batches: a patch tiled the queries (HyperTile), each tile attending to a chunk of K/V."""
 
 
 @dataclass
@@ -241,7 +244,7 @@ class Probe:
     def __call__(self, attention, q, k, v, *args, **kwargs):
         options = kwargs.get("transformer_options") or {}
         grid = tuple(options.get("activations_shape", (0, 0))[-2:])
-        self.calls.append(AttentionCall(options.get("block"), grid, q.shape[1], k.shape[1]))
+        self.calls.append(AttentionCall(options.get("block"), grid, q.shape[1], k.shape[1], q.shape[0], k.shape[0]))
         assert k.shape == v.shape
         if not self.compute:
             return torch.zeros_like(q)
