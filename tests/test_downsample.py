@@ -136,3 +136,22 @@ def test_a_row_of_four_halved_by_hand(method, expected):
     want = reference_downsample(rows, 2, 4, 2.0, method)
     assert got.flatten().tolist() == pytest.approx(expected, abs=1e-6)
     assert want.flatten().tolist() == pytest.approx(expected, abs=1e-6)
+
+
+DEVICES = [
+    "meta",  # shapes, dtypes and devices without data: a tensor made on the CPU by mistake fails to combine
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("method", list(DownsampleMethod))
+@pytest.mark.parametrize("factor", [2.0, 1.5])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_output_stays_on_the_tokens_device_and_dtype(device, method, factor, dtype):
+    tokens = torch.ones(2, 17 * 30, 6, dtype=dtype, device=device)
+    got = downsample_tokens(tokens, 17, 30, factor, factor, method)
+    assert got.device == tokens.device and got.dtype == dtype
+    assert got.shape == (2, out_side(17, factor) * out_side(30, factor), 6)
+    per_axis = downsample_tokens(tokens, 17, 30, factor, 1.0, method)
+    assert per_axis.device == tokens.device and per_axis.shape == (2, out_side(17, factor) * 30, 6)
