@@ -50,6 +50,19 @@ def test_loads_through_comfyui_loader_with_its_inputs(node):
     assert required["method"][1]["options"][0] == "nearest"
 
 
+def test_v1_mappings_hold_exactly_the_node_registered_once(node):
+    """Tools that read only NODE_CLASS_MAPPINGS (comfy-test's instantiation level) see the node and construct it."""
+    import nodes
+
+    pack = sys.modules[node.__module__.rpartition(".")[0]]
+    mappings, display_names = pack.NODE_CLASS_MAPPINGS, pack.NODE_DISPLAY_NAME_MAPPINGS
+    assert mappings == {"ToDoModelPatch": node}
+    assert display_names == {"ToDoModelPatch": "ToDo: Token Downsampling"}
+    assert callable(pack.comfy_entrypoint)
+    assert [name for name, cls in nodes.NODE_CLASS_MAPPINGS.items() if cls is node] == ["ToDoModelPatch"]
+    assert isinstance(node(), node)
+
+
 @pytest.mark.parametrize(
     ("inputs", "message"),
     [
