@@ -1,4 +1,4 @@
-"""ToDo beside other patches and unusual layouts, in a real ComfyUI: never a crash, pass through what is not ours."""
+"""ToDo beside other patches and unusual layouts, in a real ComfyUI: both patches act; what is not ours passes."""
 
 from __future__ import annotations
 
