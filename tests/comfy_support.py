@@ -11,6 +11,7 @@ CI (``CI=true``) a ComfyUI that cannot be imported fails them instead.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import os
 import sys
@@ -120,11 +121,49 @@ SDXL_TINY = {
 CPU = torch.device("cpu")
 
 
-def random_patcher(config_class, model_class, unet: dict, dtype=torch.float32, device=CPU, seed: int = 0, **after):
+@contextlib.contextmanager
+def empty_memory_is_nan():
+    """``torch.empty`` fills floating tensors with NaN while a model is built.
+
+    Memory that a model class allocates and never writes (SD3's ``pos_embed`` buffer) otherwise holds whatever
+    was there before: usually zeros, sometimes garbage, so a test may pass or fail by chance. Poisoned, such
+    memory is always found, and :func:`random_patcher` initialises it.
+    """
+    original = torch.empty
+
+    def poisoned(*args, **kwargs):
+        tensor = original(*args, **kwargs)
+        if tensor.is_floating_point() and tensor.device.type != "meta":
+            with torch.no_grad():
+                tensor.fill_(float("nan"))
+        return tensor
+
+    torch.empty = poisoned
+    try:
+        yield
+    finally:
+        torch.empty = original
+
+
+def random_patcher(
+    config_class,
+    model_class,
+    unet: dict,
+    dtype=torch.float32,
+    device=CPU,
+    seed: int = 0,
+    check_render: bool = True,
+    **after,
+):
     """A ModelPatcher around ``model_class`` built from ``unet`` with seeded random weights.
 
     ``after`` overrides the config's own extras (head width) so that narrow
     channels still give whole heads. On the ``meta`` device only shapes exist.
+    Every parameter is drawn; every floating buffer of the diffusion model that
+    its class leaves uninitialised is drawn too (seeded), while the buffers a
+    class computes (and ``model_sampling``'s schedule) are kept. The model is
+    then checked: every tensor finite and, unless ``check_render`` is False, a
+    plain render at a small size finite (:func:`plain_render`).
     """
     import comfy.model_patcher
 
@@ -132,12 +171,45 @@ def random_patcher(config_class, model_class, unet: dict, dtype=torch.float32, d
     config.set_inference_dtype(dtype, None)
     config.unet_config.update(after)
     torch.manual_seed(seed)
-    model = model_class(config, device=device)
-    if device.type != "meta":
-        with torch.no_grad():
-            for parameter in model.diffusion_model.parameters():  # zero-initialised out layers would hide everything
-                parameter.normal_(0.0, 0.05)
-    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
+    if device.type == "meta":
+        model = model_class(config, device=device)
+        return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
+    with empty_memory_is_nan():
+        model = model_class(config, device=device)
+    with torch.no_grad():
+        for parameter in model.diffusion_model.parameters():  # zero-initialised out layers would hide everything
+            parameter.normal_(0.0, 0.05)
+        generator = torch.Generator().manual_seed(seed)
+        for _, buffer in sorted(model.diffusion_model.named_buffers()):
+            if buffer.is_floating_point() and not torch.isfinite(buffer).all():
+                buffer.copy_(torch.randn(buffer.shape, generator=generator) * 0.05)
+    for name, buffer in model.named_buffers():  # parameters are all drawn; buffers outside diffusion_model kept
+        assert not buffer.is_floating_point() or torch.isfinite(buffer).all(), f"buffer {name} is not finite"
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
+    if check_render:
+        out = plain_render(patcher)
+        assert out is None or torch.isfinite(out).all(), f"a plain render of {model_class.__name__} is not finite"
+    return patcher
+
+
+def plain_render(patcher) -> torch.Tensor | None:
+    """One sampler step of the unpatched model at a small size; None for a model it cannot condition.
+
+    Tests compare renders with and without ToDo: a model whose plain render is
+    not finite would make every such comparison meaningless.
+    """
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    diffusion_model = patcher.model.diffusion_model
+    with torch.random.fork_rng(devices=[]):
+        if isinstance(diffusion_model, UNetModel):
+            unet = patcher.model.model_config.unet_config
+            if unet.get("in_channels") != 4 or unet.get("use_temporal_attention"):
+                return None  # inpainting and video UNets need their own conditioning
+            return sample(patcher, (8, 8))
+        from dit_support import sample_dit  # DiTs: dit_support builds on this module
+
+        return sample_dit(patcher, 8, 8)
 
 
 def tiny_model(kind: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
@@ -160,6 +232,9 @@ class AttentionCall:
     grid: tuple[int, int]
     q_tokens: int
     kv_tokens: int
+    q_batch: int = 0
+    kv_batch: int = 0
+    """More query than key batches: a patch tiled the queries (HyperTile), each tile attending to a chunk of K/V."""
 
 
 @dataclass
@@ -179,7 +254,7 @@ class Probe:
     def __call__(self, attention, q, k, v, *args, **kwargs):
         options = kwargs.get("transformer_options") or {}
         grid = tuple(options.get("activations_shape", (0, 0))[-2:])
-        self.calls.append(AttentionCall(options.get("block"), grid, q.shape[1], k.shape[1]))
+        self.calls.append(AttentionCall(options.get("block"), grid, q.shape[1], k.shape[1], q.shape[0], k.shape[0]))
         assert k.shape == v.shape
         if not self.compute:
             return torch.zeros_like(q)

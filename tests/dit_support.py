@@ -287,3 +287,26 @@ def with_probe(patcher) -> tuple[object, DiTProbe]:
 def token_grid(height: int, width: int, patch: int = 2) -> tuple[int, int]:
     """Every DiT pads the latent to whole patches: ``ceil(side / patch)`` tokens per side."""
     return -(-height // patch), -(-width // patch)
+
+
+@dataclass
+class DtypeProbe(DiTProbe):
+    """A :class:`DiTProbe` that also records the dtypes of q, k, v and the mask the backend receives."""
+
+    dtypes: list[tuple[torch.dtype, ...]] = field(default_factory=list)
+
+    def __call__(self, attention, q, k, v, *args, **kwargs):
+        mask = args[1] if len(args) >= 2 else kwargs.get("mask")
+        self.dtypes.append((q.dtype, k.dtype, v.dtype) + (() if mask is None else (mask.dtype,)))
+        return super().__call__(attention, q, k, v, *args, **kwargs)
+
+
+def with_dtype_probe(patcher) -> tuple[object, DtypeProbe]:
+    """:func:`with_probe` with a :class:`DtypeProbe`."""
+    probe = DtypeProbe()
+    clone = patcher.clone()
+    clone.model_options = {
+        **clone.model_options,
+        "transformer_options": {**clone.model_options.get("transformer_options", {}), OVERRIDE_KEY: probe},
+    }
+    return clone, probe

@@ -82,6 +82,8 @@ def test_levels_up_to_instantiation_pass(attached):
     for level in ("SYNTAX", "INSTALL", "REGISTRATION", "INSTANTIATION"):
         assert f"[{level}] PASSED" in result.stdout
     assert "No import errors detected" in result.stdout
+    # It reads only NODE_CLASS_MAPPINGS: with the V3 entry point alone it would construct no node at all.
+    assert "All 1 node(s) instantiated successfully!" in result.stdout
 
 
 class ValidatorMisreadError(Exception):

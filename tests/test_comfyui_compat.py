@@ -1,10 +1,11 @@
-"""ToDo beside other patches and unusual layouts, in a real ComfyUI: never a crash, pass through what is not ours."""
+"""ToDo beside other patches and unusual layouts, in a real ComfyUI: both patches act; what is not ours passes."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from comfy_support import Probe, apply_node, forward, run_node, tiny_model
+from reference import expected_kv, unet_grid
 
 pytestmark = pytest.mark.comfyui
 
@@ -51,6 +52,10 @@ def test_deep_shrink_grids_come_from_the_activations(node, sd15, shrink, order):
     assert grids == expected
 
 
+HYPERTILED = {(64, 64): {(64, 64), (32, 32)}, (37, 45): {(37, 45)}, (48, 80): {(48, 80), (24, 40)}}
+"""Grids HyperTile (max_depth 1) tiles: depth 1, and depth 2 where it is exactly half the latent per side."""
+
+
 @pytest.mark.parametrize("latent_hw", [(64, 64), (37, 45), (48, 80)])
 @pytest.mark.parametrize("order", ["hypertile_first", "todo_first"])
 def test_hypertile_before_or_after(node, sd15, latent_hw, order):
@@ -61,10 +66,29 @@ def test_hypertile_before_or_after(node, sd15, latent_hw, order):
         patched = apply_node(node, hypertile(sd15), **MANUAL_221)
     else:
         patched = hypertile(apply_node(node, sd15, **MANUAL_221))
+    factors = tuple(MANUAL_221[f"depth_{depth}_factor"] for depth in (1, 2, 3))
+    steps_aside = 0
     for seed in range(4):  # HyperTile picks its tiling at random
         torch.manual_seed(seed)
-        out = forward(patched, latent_hw, batch=1)
+        probe = Probe()
+        out = forward(patched, latent_hw, batch=1, probe=probe)
         assert out.shape == (1, 4, *latent_hw) and torch.isfinite(out).all()
+        calls = probe.self_attention()
+        assert {c.grid for c in calls} == {unet_grid(latent_hw, depth) for depth in (1, 2, 3, 4)}
+        for call in calls:
+            tiles = call.q_batch // call.kv_batch
+            full = call.grid[0] * call.grid[1]
+            # HyperTile's effect: its grids' queries come in tiles, every query kept.
+            assert (tiles > 1) == (call.grid in HYPERTILED[latent_hw]), call
+            assert call.q_tokens * tiles == full, call
+            # ToDo's effect: keys reduced, unless the reduced keys would not split evenly among the tiles.
+            reduced = expected_kv(latent_hw, call.grid, factors)
+            assert call.kv_tokens == (reduced if reduced % tiles == 0 else full), call
+            steps_aside += reduced < full and reduced % tiles != 0
+    if latent_hw == (64, 64):
+        assert steps_aside == 0, "every tiling HyperTile picks at 64 x 64 divides the reduced keys"
+    if latent_hw == (37, 45):
+        assert steps_aside > 0, "19 x 23 reduced keys never split among 5 or 9 query tiles: ToDo steps aside"
 
 
 def test_hypertile_and_todo_together_still_reduce_keys(node, sd15):
@@ -86,8 +110,18 @@ def test_tome_before_or_after(node, sd15, order):
         if order == "tome_first"
         else tome(apply_node(node, sd15, **MANUAL_221))
     )
-    out = forward(patched, (40, 40), batch=2)
+    probe = Probe()
+    out = forward(patched, (40, 40), batch=2, probe=probe)
     assert out.shape == (2, 4, 40, 40) and torch.isfinite(out).all()
+    alone = forward(tome(sd15), (40, 40), batch=2)
+    assert not torch.equal(out, alone), "ToDo should change ToMe's result"
+    queries: dict = {}
+    for call in probe.self_attention():
+        queries.setdefault(call.grid, set()).add(call.q_tokens)
+    # ToMe merges the queries of depth 1 only: 1600 tokens less int(1600 * 0.5) merged ones.
+    assert queries == {(40, 40): {800}, (20, 20): {400}, (10, 10): {100}, (5, 5): {25}}
+    # ToDo reduces the keys of depths 1 and 2 beside it (ToMe leaves the keys whole).
+    assert probe.kv_by_grid() == {(40, 40): {20 * 20}, (20, 20): {10 * 10}, (10, 10): {100}, (5, 5): {25}}
 
 
 def test_disable_self_attn_blocks_are_left_alone(node):

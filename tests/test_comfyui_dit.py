@@ -331,3 +331,25 @@ def test_every_comfyui_backend_computes_the_mass_corrected_oracle(backend, skip_
     )
     out = override(function, q, k, v, 2, skip_reshape=skip_reshape, transformer_options={LATENT_INFO_KEY: latent})
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
+# half precision through the sampler -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["flux", "wan"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_dits_through_the_sampler(node, kind, dtype):
+    from dit_support import with_dtype_probe
+
+    model = tiny_dit(kind, dtype=dtype)  # the build checks that its plain render is finite
+    assert model.model.get_dtype() == dtype
+    plain = run(model, kind)
+    probed, probe = with_dtype_probe(model)
+    out = run(apply_node(node, probed, **MANUAL_2), kind)
+    assert out.shape == plain.shape and out.dtype == plain.dtype and torch.isfinite(out).all()
+    assert not torch.equal(out, plain)
+    assert {(c.q_tokens, c.kv_tokens) for c in probe.calls} == expected_pairs(kind, ODD_LATENT, 2)
+    # The attention runs in the model's dtype, the mass-correction mask (9 x 13 tokens: uneven groups) too.
+    assert {d[:3] for d in probe.dtypes} == {(dtype, dtype, dtype)}
+    masks = {d[3] for d in probe.dtypes if len(d) == 4}
+    assert masks == {dtype}, "the reduced calls carry a mask in the model's dtype"

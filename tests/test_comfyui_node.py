@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 from comfy_support import Probe, apply_node, forward, sample, tiny_model
+from reference import expected_unet_kv, latent_hw_for
 
 pytestmark = pytest.mark.comfyui
 
@@ -47,6 +48,19 @@ def test_loads_through_comfyui_loader_with_its_inputs(node):
     assert all(info["output_tooltips"])
     assert info["output"] == ["MODEL"]
     assert required["method"][1]["options"][0] == "nearest"
+
+
+def test_v1_mappings_hold_exactly_the_node_registered_once(node):
+    """Tools that read only NODE_CLASS_MAPPINGS (comfy-test's instantiation level) see the node and construct it."""
+    import nodes
+
+    pack = sys.modules[node.__module__.rpartition(".")[0]]
+    mappings, display_names = pack.NODE_CLASS_MAPPINGS, pack.NODE_DISPLAY_NAME_MAPPINGS
+    assert mappings == {"ToDoModelPatch": node}
+    assert display_names == {"ToDoModelPatch": "ToDo: Token Downsampling"}
+    assert callable(pack.comfy_entrypoint)
+    assert [name for name, cls in nodes.NODE_CLASS_MAPPINGS.items() if cls is node] == ["ToDoModelPatch"]
+    assert isinstance(node(), node)
 
 
 @pytest.mark.parametrize(
@@ -155,22 +169,30 @@ def test_sdxl_defaults_act_at_high_resolution(node, sdxl):
     assert (k2.shape[1], k3.shape[1]) == (64 * 64, 32 * 32)
 
 
+TINY_ATTENTION_DEPTHS = {"sd15": (1, 2, 3, 4), "sdxl": (2, 3)}
+"""Depths with self-attention in the tiny UNets: SD1.5's levels 1-3 and middle; SDXL's levels 2-3, middle at 3."""
+NATIVE = {"sd15": 512, "sdxl": 1024}
+
+
 @pytest.mark.parametrize("kind", ["sd15", "sdxl"])
 @pytest.mark.parametrize("size", [(1024, 1024), (1536, 1536), (2048, 2048), (1920, 1080)])
-def test_default_node_kv_counts_match_the_demo(node, kind, size, request):
-    """The demo's table (run on the patch alone) is what ComfyUI's attention really gets with the default node."""
+def test_default_node_kv_counts_match_the_oracle_and_the_demo(node, kind, size, request):
+    """What ComfyUI's attention gets with the default node is what the test oracle counts; the demo's table agrees."""
     from todo_core.architectures import LAYOUTS
     from todo_core.demo import measure
 
     model = request.getfixturevalue(kind)
     width, height = size
+    latent_hw = latent_hw_for(width, height)
     probe = Probe(compute=False)
-    forward(apply_node(node, model), (height // 8, width // 8), batch=1, probe=probe)
-    todo_patch = node_module(node).ToDoAttn1Patch(
-        node_module(node).ToDoConfig.create(native_resolution=LAYOUTS[kind].native_resolution)
-    )
-    expected = {(r["grid_h"], r["grid_w"]): {r["kv_tokens"]} for r in measure(LAYOUTS[kind], width, height, todo_patch)}
+    forward(apply_node(node, model), latent_hw, batch=1, probe=probe)
+    expected = expected_unet_kv(latent_hw, TINY_ATTENTION_DEPTHS[kind], native_resolution=NATIVE[kind])
     assert probe.kv_by_grid() == expected
+    acts = any(kv < grid[0] * grid[1] for grid, (kv,) in expected.items())
+    assert acts == (width * height > NATIVE[kind] ** 2), "the default node acts above the native pixel count"
+    todo_patch = node_module(node).ToDoAttn1Patch(node_module(node).ToDoConfig.create(native_resolution=NATIVE[kind]))
+    demo = {(r["grid_h"], r["grid_w"]): {r["kv_tokens"]} for r in measure(LAYOUTS[kind], width, height, todo_patch)}
+    assert demo == expected
 
 
 @pytest.mark.parametrize("batch", [1, 2, 3])

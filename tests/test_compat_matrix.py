@@ -29,10 +29,8 @@ from comfy_support import (
     run_node,
     tiny_model,
 )
-
-from todo_core.config import ToDoConfig
-from todo_core.downsample import output_tokens
-from todo_core.grid import TokenGrid, depth_from_sides
+from reference import expected_kv as reference_kv
+from reference import expected_unet_kv, latent_hw_for, unet_grid
 
 pytestmark = pytest.mark.comfyui
 
@@ -123,12 +121,11 @@ def render(
     )
 
 
-def expected_kv(node_or_config, latent_hw, grid) -> int:
-    """K/V tokens todo_core predicts for one self-attention grid."""
-    config = node_or_config if isinstance(node_or_config, ToDoConfig) else ToDoConfig.create(**node_or_config)
-    tile = TokenGrid(*grid, depth_from_sides(tuple(latent_hw), tuple(grid)))
-    factor = config.factor_for(tile)
-    return grid[0] * grid[1] if factor <= 1 else output_tokens(*grid, factor, factor)
+def expected_kv(inputs: dict, latent_hw, grid) -> int:
+    """K/V tokens of one self-attention grid for manual node inputs, from the test-side oracle (not todo_core)."""
+    assert inputs["mode"] == "manual"
+    factors = tuple(inputs[f"depth_{depth}_factor"] for depth in (1, 2, 3))
+    return reference_kv(tuple(latent_hw), tuple(grid), factors)
 
 
 def reduced_grids(probe: Probe) -> set[tuple[int, int]]:
@@ -590,16 +587,18 @@ def full_unets():
     return {kind: random_patcher(*classes[kind], FULL_UNETS[kind], torch.float16, meta) for kind in classes}
 
 
-def check_size(node, unet, width: int, height: int) -> None:
-    """One full-UNet evaluation on the meta device; every self-attention K/V count as todo_core predicts."""
-    from todo_core.architectures import LAYOUTS
-    from todo_core.demo import measure
-    from todo_core.patch import ToDoAttn1Patch
+FULL_NATIVE = {"sd15": 512, "sdxl": 1024}
+FULL_LAYERS = {"sd15": {1: 5, 2: 5, 3: 5, 4: 1}, "sdxl": {2: 10, 3: 60}}
+"""Self-attention layers per depth of the full UNets: SD1.5 has 2 input + 3 output blocks at depths 1-3 and the
+middle at depth 4; SDXL has 2 + 3 blocks of 2 transformers at depth 2, of 10 at depth 3, and a 10-deep middle."""
 
+
+def check_size(node, unet, width: int, height: int) -> None:
+    """One full-UNet evaluation on the meta device; every self-attention K/V count as the test oracle counts it."""
     kind = "sdxl" if unet.model.adm_channels else "sd15"
     patched = apply_node(node, unet)
     meta = torch.device("meta")
-    latent_hw = (-(-height // 8), -(-width // 8))
+    latent_hw = latent_hw_for(width, height)
     probe = Recorder(compute=False)
     options = {**patched.model_options["transformer_options"], "optimized_attention_override": probe}
     options["wrappers"] = patched.wrappers
@@ -614,12 +613,13 @@ def check_size(node, unet, width: int, height: int) -> None:
             **extra,
         )
     assert out.shape == (1, 4, *latent_hw), (width, height)
-    config = ToDoConfig.create(native_resolution=LAYOUTS[kind].native_resolution)
-    rows = measure(LAYOUTS[kind], width, height, ToDoAttn1Patch(config))
-    expected = {(r["grid_h"], r["grid_w"]): {r["kv_tokens"]} for r in rows}
+    layers = FULL_LAYERS[kind]
+    expected = expected_unet_kv(latent_hw, layers, native_resolution=FULL_NATIVE[kind])
     assert probe.kv_by_grid() == expected, (width, height)
-    layers = {depth: count for depth, count in LAYOUTS[kind].blocks_per_depth.items()}
-    assert len(probe.self_attention()) == sum(layers.values()), (width, height)
+    calls_per_grid: dict = {}
+    for call in probe.self_attention():
+        calls_per_grid[call.grid] = calls_per_grid.get(call.grid, 0) + 1
+    assert calls_per_grid == {unet_grid(latent_hw, depth): count for depth, count in layers.items()}, (width, height)
     assert all(e["dtypes"] == (torch.float16,) * 3 and e["devices"] == (meta,) * 3 for e in probe.extra)
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from reference import auto_budget, kept_tokens, smallest_factor_within
 
 from todo_core import ConfigError, DownsampleMethod, FactorMode, ToDoConfig, TokenGrid, native_resolution_for
 from todo_core.config import factor_within_budget
-from todo_core.downsample import output_tokens
 
 
 def test_defaults_are_auto_nearest_whole_schedule():
@@ -76,16 +76,42 @@ def test_auto_keeps_at_most_the_trained_token_count_at_odd_sizes():
     for depth, (height, width) in enumerate([(135, 240), (68, 120), (34, 60)], start=1):
         factor = config.factor_for(TokenGrid(height, width, depth))
         assert factor > 1.0
-        assert output_tokens(height, width, factor, factor) <= config.budget_tokens(depth)
+        assert config.budget_tokens(depth) == auto_budget(512, depth) == {1: 64 * 64, 2: 32 * 32, 3: 16 * 16}[depth]
+        assert kept_tokens(height, width, factor) <= auto_budget(512, depth)
+        assert factor == pytest.approx(smallest_factor_within(height, width, auto_budget(512, depth)), rel=1e-9)
 
 
 @given(st.integers(1, 600), st.integers(1, 600), st.integers(1, 20000))
-def test_factor_within_budget_is_minimal_enough_and_within_budget(height, width, budget):
+def test_factor_within_budget_is_minimal_and_within_budget(height, width, budget):
     factor = factor_within_budget(height, width, budget)
     assert factor >= 1.0
-    assert output_tokens(height, width, factor, factor) <= max(budget, 1)
+    # Counted independently (rows kept one by one), not with todo_core's own output_tokens.
+    assert kept_tokens(height, width, factor) <= budget
     if height * width <= budget:
         assert factor == 1.0
+        return
+    # Minimal: no smaller factor meets the budget. Exhaustively: the smallest factor found by searching every
+    # factor at which a side loses a row...
+    assert factor == pytest.approx(smallest_factor_within(height, width, budget), rel=1e-9)
+    # ...and on a fine grid between 1 and the factor, every factor leaves more than the budget.
+    for step in range(64):
+        smaller = 1.0 + (factor - 1.0) * step / 64
+        assert kept_tokens(height, width, smaller) > budget, (smaller, factor)
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "budget", "expected"),
+    [
+        (128, 128, 64 * 64, 2.0),
+        (135, 240, 64 * 64, 240 / 85),  # 1080p at SD1.5's depth-1 budget: 48 x 85 = 4080 tokens
+        (100, 1, 10, 10.0),
+        (7, 7, 48, 7 / 6),  # one row and one column fewer: 36 tokens
+        (3, 5, 14, 5 / 4),  # 3 x 4 = 12; a factor just above 1 keeps all 15
+    ],
+)
+def test_factor_within_budget_known_values(height, width, budget, expected):
+    assert factor_within_budget(height, width, budget) == pytest.approx(expected, rel=1e-12)
+    assert smallest_factor_within(height, width, budget) == pytest.approx(expected, rel=1e-12)
 
 
 @pytest.mark.parametrize(

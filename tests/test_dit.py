@@ -323,3 +323,53 @@ def test_temporal_factor_only_for_video_families():
     )
     with pytest.raises(ConfigError, match="temporal_factor"):
         ToDoConfig.create(temporal_factor=0.5)
+
+
+DEVICES = [
+    "meta",  # no data: only shapes, dtypes and devices, and any CPU tensor mixed in fails
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mask_kind", [None, "additive", "boolean"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("layout", "temporal_factor", "kept"),
+    [(SequenceLayout(3, 1, 9, 13, 2), 1.0, 3 + 5 * 7 + 2), (SequenceLayout(0, 4, 6, 6, 0), 2.0, 2 * 3 * 3)],
+)
+def test_reduce_keys_keeps_device_and_dtype(device, mask_kind, dtype, layout, temporal_factor, kept):
+    k = torch.ones(2, 2, layout.tokens, 8, dtype=dtype, device=device)
+    v = torch.ones(2, 2, layout.tokens, 8, dtype=dtype, device=device)
+    mask = {
+        None: None,
+        "additive": torch.zeros(2, 1, 1, layout.tokens, dtype=dtype, device=device),
+        "boolean": torch.ones(2, 1, 1, layout.tokens, dtype=torch.bool, device=device),
+    }[mask_kind]
+    k_small, v_small, out_mask = reduce_keys(k, v, mask, layout, 2, 2, temporal_factor=temporal_factor)
+    assert k_small.device == v_small.device == k.device
+    assert k_small.dtype == v_small.dtype == dtype
+    assert k_small.shape == v_small.shape == (2, 2, kept, 8)
+    if out_mask is not None:  # 9 x 13 has uneven groups: corrected; 6 x 6 frames by 2 x 2 x 2: uniform
+        assert out_mask.device == k.device and out_mask.dtype == dtype and out_mask.shape[-1] == kept
+    assert (out_mask is None) == (mask is None and layout.prefix == 0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("skip_reshape", [True, False])
+def test_override_keeps_the_device_of_its_inputs(device, skip_reshape):
+    latent = LatentInfo(1, 18, 26, 4)  # 9 x 13 tokens after 4 text tokens
+    layout = resolve_layout(4 + 9 * 13, latent, FLUX)
+    shape = (2, 2, layout.tokens, 8) if skip_reshape else (2, layout.tokens, 16)
+    q, k, v = (torch.ones(shape, dtype=torch.bfloat16, device=device) for _ in range(3))
+    seen = []
+
+    def backend(q, k, v, heads, mask=None, **kwargs):
+        seen.append((k.device, k.shape, None if mask is None else (mask.device, mask.dtype)))
+        return torch.zeros_like(q)
+
+    options = {LATENT_INFO_KEY: latent}
+    out = flux_override(depth_1_factor=2)(backend, q, k, v, 2, skip_reshape=skip_reshape, transformer_options=options)
+    assert out.device == q.device
+    kept_shape = (2, 2, 4 + 5 * 7, 8) if skip_reshape else (2, 4 + 5 * 7, 16)
+    assert seen == [(q.device, kept_shape, (q.device, torch.bfloat16))]

@@ -28,7 +28,7 @@ def test_matches_reference(method, factor, height, width):
     got = downsample_tokens(tokens, height, width, factor, factor, DownsampleMethod(method))
     want = reference_downsample(tokens, height, width, factor, method)
     assert got.shape == want.shape == (2, out_side(height, factor) * out_side(width, factor), 6)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got, want)  # float32 tolerance: the kernels sum their taps in float32
 
 
 @pytest.mark.parametrize(
@@ -112,4 +112,46 @@ def test_property_sweep_matches_reference(height, width, factor, batch, method):
         return
     want = reference_downsample(tokens, height, width, factor, method)
     assert got.shape == want.shape
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize(
+    ("method", "expected"),
+    [
+        ("nearest", [0.0, 2.0]),  # floor(i * 2)
+        ("nearest-exact", [1.0, 3.0]),  # floor((i + 0.5) * 2)
+        ("avg_pool", [0.5, 2.5]),
+        ("max_pool", [1.0, 3.0]),
+        ("area", [0.5, 2.5]),
+        ("bilinear", [0.5, 2.5]),  # half-pixel centres 0.5 and 2.5
+        # Keys kernel (a = -0.75) at t = 0.5: weights -0.09375, 0.59375, 0.59375, -0.09375; the first output's
+        # left tap is clamped to column 0.
+        ("bicubic", [0.40625, 2.59375]),
+    ],
+)
+def test_a_row_of_four_halved_by_hand(method, expected):
+    """Values worked out on paper: the implementation and the reference oracle both have to give them."""
+    rows = torch.tensor([[0.0, 1.0, 2.0, 3.0]] * 2).reshape(1, 8, 1)  # two equal rows: halving them changes nothing
+    got = downsample_tokens(rows, 2, 4, 2.0, 2.0, DownsampleMethod(method))
+    want = reference_downsample(rows, 2, 4, 2.0, method)
+    assert got.flatten().tolist() == pytest.approx(expected, abs=1e-6)
+    assert want.flatten().tolist() == pytest.approx(expected, abs=1e-6)
+
+
+DEVICES = [
+    "meta",  # shapes, dtypes and devices without data: a tensor made on the CPU by mistake fails to combine
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("method", list(DownsampleMethod))
+@pytest.mark.parametrize("factor", [2.0, 1.5])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_output_stays_on_the_tokens_device_and_dtype(device, method, factor, dtype):
+    tokens = torch.ones(2, 17 * 30, 6, dtype=dtype, device=device)
+    got = downsample_tokens(tokens, 17, 30, factor, factor, method)
+    assert got.device == tokens.device and got.dtype == dtype
+    assert got.shape == (2, out_side(17, factor) * out_side(30, factor), 6)
+    per_axis = downsample_tokens(tokens, 17, 30, factor, 1.0, method)
+    assert per_axis.device == tokens.device and per_axis.shape == (2, out_side(17, factor) * 30, 6)

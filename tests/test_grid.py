@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from reference import unet_grid
 
 from todo_core import TokenGrid, ceil_side, resolve_grid
+from todo_core.grid import depth_from_sides
 
 
 def latent(height: int, width: int) -> list[int]:
@@ -19,14 +19,22 @@ def latent(height: int, width: int) -> list[int]:
 @pytest.mark.parametrize("depth", [1, 2, 3, 4])
 def test_ceil_fallback_finds_every_unet_level(pixels_w, pixels_h, depth):
     lat_h, lat_w = pixels_h // 8, pixels_w // 8
-    height, width = ceil_side(lat_h, depth), ceil_side(lat_w, depth)
+    height, width = unet_grid((lat_h, lat_w), depth)
     assert resolve_grid(height * width, None, latent(lat_h, lat_w)) == TokenGrid(height, width, depth)
 
 
 def test_1080p_levels_are_ceil_not_floor():
     assert [ceil_side(135, d) for d in (1, 2, 3, 4)] == [135, 68, 34, 17]
-    # A floor-based guess (135 // 2 = 67) would not even have the right token count.
-    assert 67 * 120 != 68 * 120
+    lat = latent(135, 240)
+    # Without activations the grid comes from the latent: the real depth-2 tokens (68 rows) are placed...
+    assert resolve_grid(68 * 120, None, lat) == TokenGrid(68, 120, 2)
+    assert resolve_grid(17 * 30, None, lat) == TokenGrid(17, 30, 4)
+    # ...and a floor-based level (135 // 2 = 67 rows) is no level of this latent at all.
+    assert resolve_grid(67 * 120, None, lat) is None
+    assert resolve_grid(33 * 60, None, lat) is None
+    # With activations, a 68-row grid is depth 2 exactly (not a Deep-Shrink-like rescale).
+    assert depth_from_sides((135, 240), (68, 120)) == 2
+    assert depth_from_sides((135, 240), (34, 60)) == 3
 
 
 def test_activations_shape_wins_over_latent_guess():
@@ -61,11 +69,12 @@ def test_small_odd_latents_get_their_exact_level():
 
 @given(st.integers(1, 512), st.integers(1, 512), st.integers(1, 5))
 def test_ceil_levels_always_resolve_to_their_depth(lat_h, lat_w, depth):
-    height, width = ceil_side(lat_h, depth), ceil_side(lat_w, depth)
-    grid = resolve_grid(height * width, [1, 8, height, width], latent(lat_h, lat_w))
-    assert (grid.height, grid.width) == (height, width)
-    # Once both sides have shrunk to one token, deeper levels look the same; real UNets stop well before.
-    if (height, width) != (1, 1):
-        assert grid.depth == depth
-    assert grid.tokens == height * width
-    assert math.prod((grid.height, grid.width)) == grid.tokens
+    height, width = unet_grid((lat_h, lat_w), depth)
+    assert (ceil_side(lat_h, depth), ceil_side(lat_w, depth)) == (height, width)
+    for activations in ([1, 8, height, width], None):
+        grid = resolve_grid(height * width, activations, latent(lat_h, lat_w))
+        assert (grid.height, grid.width) == (height, width)
+        # Once both sides have shrunk to one token, deeper levels look the same; real UNets stop well before.
+        if (height, width) != (1, 1):
+            assert grid.depth == depth
+        assert grid.tokens == height * width

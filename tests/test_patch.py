@@ -178,3 +178,23 @@ def test_blocks_whose_attn1_is_replaced_keep_every_key():
         call_options = {**extras, **options(16, 16), "block": block, "block_index": index}
         assert (patch(n, n, n, call_options)[1] is n) == untouched, (block, index)
     assert "todo_attn1_replaced" not in prepare_unet_options({"patches": {}})
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "meta",  # no data: only shapes, dtypes and devices, and any CPU tensor mixed in fails
+        pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")),
+    ],
+)
+@pytest.mark.parametrize("method", list(DownsampleMethod))
+@pytest.mark.parametrize(("mode", "expected"), [("manual", 90 * 160), ("auto", 48 * 85)])
+def test_patch_keeps_the_device_of_its_inputs(device, method, mode, expected):
+    """Whole schedule (a sigma window reads the sigma's value, which a meta tensor has not)."""
+    n = torch.ones(2, 135 * 240, 16, dtype=torch.float16, device=device)
+    value = torch.ones(2, 135 * 240, 16, dtype=torch.float16, device=device)
+    config = ToDoConfig.create(mode, 1.5, 1.0, 1.0, method=method, native_resolution=512)
+    q, k, v = ToDoAttn1Patch(config)(n, n, value, options(135, 240))
+    assert q is n
+    assert k.device == v.device == n.device and k.dtype == v.dtype == torch.float16
+    assert k.shape == v.shape == (2, expected, 16)  # factor 1.5: 90 x 160; auto at 512 px: 48 x 85 (factor 240 / 85)
