@@ -351,7 +351,9 @@ def test_reduce_keys_keeps_device_and_dtype(device, mask_kind, dtype, layout, te
     assert k_small.dtype == v_small.dtype == dtype
     assert k_small.shape == v_small.shape == (2, 2, kept, 8)
     if out_mask is not None:  # 9 x 13 has uneven groups: corrected; 6 x 6 frames by 2 x 2 x 2: uniform
-        assert out_mask.device == k.device and out_mask.dtype == dtype and out_mask.shape[-1] == kept
+        # A boolean mask that needs no correction stays boolean (the backends treat those apart); else k's dtype.
+        kept_dtype = torch.bool if mask_kind == "boolean" and layout.prefix == 0 else dtype
+        assert out_mask.device == k.device and out_mask.dtype == kept_dtype and out_mask.shape[-1] == kept
     assert (out_mask is None) == (mask is None and layout.prefix == 0)
 
 

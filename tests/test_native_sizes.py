@@ -103,7 +103,8 @@ def test_each_model_gets_its_own_native_size_and_pixels_per_token(node, name):
 
 
 def tiny(kind: str, unet: dict):
-    return random_patcher(*classes(kind), unet, torch.float32, seed=0)
+    """The test renders the plain model itself (Flux.2 needs the pooled vector :func:`render` gives it)."""
+    return random_patcher(*classes(kind), unet, torch.float32, seed=0, check_render=False)
 
 
 def render(model, height: int, width: int) -> torch.Tensor:

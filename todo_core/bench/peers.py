@@ -25,16 +25,16 @@ against ComfyUI's, bit for bit, on the same inputs and seeds.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 import math
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .comfyui_path import find_comfyui
+from .comfyui_path import PACK_ROOT, find_comfyui
 
 logger = logging.getLogger("comfyui_todo")
 
@@ -244,44 +244,16 @@ class TorchPeers:
         return Patch(before, after)
 
 
-class ComfyUIPeers(TorchPeers):
-    """The peers as ComfyUI's own nodes and functions (``comfy_extras.nodes_tomesd``, ``nodes_hypertile``)."""
-
-    def __init__(self, root: Path, tomesd, hypertile) -> None:
-        self.source = f"ComfyUI's own functions ({root}: comfy_extras.nodes_tomesd, comfy_extras.nodes_hypertile)"
-        self.tomesd, self.hypertile = tomesd, hypertile
-
-    def random_divisor(self, value: int, min_value: int, max_options: int = 1) -> int:
-        return self.hypertile.random_divisor(value, min_value, max_options)
-
-    def merge_functions(self, x: Tensor, ratio: float, original_shape) -> MergeFunctions:
-        return self.tomesd.get_functions(x, ratio, original_shape)
-
-    def tome_node(self, ratio: float) -> Patch:
-        recorder = _PatchRecorder()
-        self.tomesd.TomePatchModel.execute(recorder, ratio)
-        return Patch(recorder.before, recorder.after)
-
-    def hypertile_node(self, tile_size: int, swap_size: int = 2, max_depth: int = 0, scale_depth: bool = False):
-        recorder = _PatchRecorder()
-        self.hypertile.HyperTile.execute(recorder, tile_size, swap_size, max_depth, scale_depth)
-        return Patch(recorder.before, recorder.after)
+COMFYUI_PEERS = PACK_ROOT / "benchmarks" / "comfyui_peers.py"
+"""The ComfyUI side of the peers: outside ``todo_core``, which never imports ComfyUI."""
 
 
-def comfyui_peers(root: Path) -> ComfyUIPeers:
-    """Import ComfyUI's peer nodes from the checkout at ``root`` (CPU mode when there is no CUDA device)."""
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    import comfy.cli_args
-
-    if not torch.cuda.is_available():
-        comfy.cli_args.args.cpu = True
-    importlib.import_module("comfy.model_management")
-    return ComfyUIPeers(
-        root,
-        importlib.import_module("comfy_extras.nodes_tomesd"),
-        importlib.import_module("comfy_extras.nodes_hypertile"),
-    )
+def comfyui_peers_module():
+    """``benchmarks/comfyui_peers.py``, loaded from its file (it imports ComfyUI only when called)."""
+    spec = importlib.util.spec_from_file_location("todo_comfyui_peers", COMFYUI_PEERS)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def load_peers(comfyui: Path | None = None, use_comfyui: bool = True) -> TorchPeers:
@@ -290,7 +262,7 @@ def load_peers(comfyui: Path | None = None, use_comfyui: bool = True) -> TorchPe
     if root is None:
         return TorchPeers()
     try:
-        return comfyui_peers(root)
+        return comfyui_peers_module().comfyui_peers(root)
     except Exception as error:  # any failure to import ComfyUI leaves the torch-only peers, with a warning
         logger.warning("ComfyUI at %s cannot be imported (%s): the peers run on the torch-only implementation",
                        root, error)  # fmt: skip
