@@ -273,9 +273,9 @@ class DiTProbe:
         self.calls.clear()
 
 
-def with_probe(patcher) -> tuple[object, DiTProbe]:
+def with_probe(patcher, probe: DiTProbe | None = None) -> tuple[object, DiTProbe]:
     """A clone of ``patcher`` with a recording override registered on it (as another pack's override would be)."""
-    probe = DiTProbe()
+    probe = DiTProbe() if probe is None else probe
     clone = patcher.clone()
     clone.model_options = {
         **clone.model_options,
@@ -303,10 +303,4 @@ class DtypeProbe(DiTProbe):
 
 def with_dtype_probe(patcher) -> tuple[object, DtypeProbe]:
     """:func:`with_probe` with a :class:`DtypeProbe`."""
-    probe = DtypeProbe()
-    clone = patcher.clone()
-    clone.model_options = {
-        **clone.model_options,
-        "transformer_options": {**clone.model_options.get("transformer_options", {}), OVERRIDE_KEY: probe},
-    }
-    return clone, probe
+    return with_probe(patcher, DtypeProbe())
