@@ -1,5 +1,6 @@
 """A real ComfyUI server for end-to-end tests: its own base directory, this pack in custom_nodes, a
-random-weight SD1.5 checkpoint, driven only through the HTTP API a client uses."""
+random-weight SD1.5 checkpoint and small random stand-ins for the DiT workflows' split model files
+(``dit_stand_ins.py``), driven only through the HTTP API a client uses."""
 
 from __future__ import annotations
 
@@ -72,23 +73,37 @@ def write_random_sd15_checkpoint(path: Path, seed: int = 0) -> Path:
 
 TEST_SIDE = 256
 """Longest side the workflows are reduced to in tests: the graph is the same, the CPU time is not."""
+TEST_FRAMES = 5
+"""Video length in tests: two latent frames for Wan (four frames per latent frame after the first)."""
+SIZE_NODES = {"EmptyLatentImage": 8, "EmptySD3LatentImage": 16, "EmptyFlux2LatentImage": 16, "Flux2Scheduler": 16,
+              "Wan22ImageToVideoLatent": 32}  # fmt: skip
+"""Nodes whose ``width``/``height`` set the render size, with the multiple each takes (Flux2Scheduler's sigma
+shift follows the size, so it is reduced as its latent is)."""
+STEP_NODES = ("KSampler", "Flux2Scheduler")
+"""Nodes whose ``steps`` input sets the sampler's step count."""
+FRAME_NODES = {"Wan22ImageToVideoLatent": "length"}
 
 
-def reduced(prompt: dict) -> dict:
-    """An API prompt at TEST_SIDE px and 2 steps: same nodes and links, a CPU-sized run."""
+def reduced(prompt: dict, steps: int = 2) -> dict:
+    """An API prompt at TEST_SIDE px, TEST_FRAMES frames and ``steps`` steps: same nodes and links, a CPU-sized
+    run."""
     for entry in prompt.values():
-        inputs = entry["inputs"]
-        if entry["class_type"] in ("EmptyLatentImage", "EmptySD3LatentImage"):
+        inputs, kind = entry["inputs"], entry["class_type"]
+        if kind in SIZE_NODES:
+            multiple = SIZE_NODES[kind]
             scale = TEST_SIDE / max(inputs["width"], inputs["height"])
-            inputs["width"] = max(64, round(inputs["width"] * scale / 8) * 8)
-            inputs["height"] = max(64, round(inputs["height"] * scale / 8) * 8)
-        if entry["class_type"] == "KSampler":
-            inputs["steps"] = 2
+            inputs["width"] = max(64, round(inputs["width"] * scale / multiple) * multiple)
+            inputs["height"] = max(64, round(inputs["height"] * scale / multiple) * multiple)
+        if kind in STEP_NODES:
+            inputs["steps"] = steps
+        if kind in FRAME_NODES:
+            inputs[FRAME_NODES[kind]] = TEST_FRAMES
     return prompt
 
 
 def checkpoint_cache() -> Path:
-    """Where the 2 GB random checkpoint is kept between runs (TODO_TEST_CACHE overrides)."""
+    """Where the 2 GB random checkpoint and the DiT stand-ins (0.6 GB) are kept between runs (TODO_TEST_CACHE
+    overrides)."""
     return Path(os.environ.get("TODO_TEST_CACHE", Path.home() / ".cache" / "comfyui-todo-tests"))
 
 
@@ -142,16 +157,34 @@ class ComfyServer:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
 
 
+STAND_IN_LOADER = Path(__file__).with_name("stand_in_loader.py")
+"""The test server's custom node that lets UNETLoader load the small DiT stand-ins (see ``dit_stand_ins.py``)."""
+
+
+def _link_models(base: Path, folder: str, files: dict[str, Path]) -> None:
+    target = base / "models" / folder
+    target.mkdir(parents=True, exist_ok=True)
+    for name, source in files.items():
+        with contextlib.suppress(FileExistsError):
+            (target / name).symlink_to(source)
+
+
 @contextlib.contextmanager
 def comfy_server(comfyui: Path, base: Path, checkpoints: dict[str, Path], startup_timeout: float = 180,
-                 ) -> Iterator[ComfyServer]:  # fmt: skip
-    """Start ``main.py`` on a free loopback port with its own base directory; always shut it down."""
+                 model_files: dict[str, dict[str, Path]] | None = None) -> Iterator[ComfyServer]:  # fmt: skip
+    """Start ``main.py`` on a free loopback port with its own base directory; always shut it down.
+
+    ``checkpoints`` go to ``models/checkpoints``; ``model_files`` (folder -> {name: file}) to the other model
+    folders, by default the DiT workflows' stand-ins (written into the test cache on first use)."""
+    from dit_stand_ins import write_stand_ins
+
     shutil.copytree(PACK_ROOT, base / "custom_nodes" / PACK_FOLDER, ignore=COPY_IGNORE, dirs_exist_ok=True)
-    checkpoint_dir = base / "models" / "checkpoints"
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    for name, source in checkpoints.items():
-        with contextlib.suppress(FileExistsError):
-            (checkpoint_dir / name).symlink_to(source)
+    shutil.copy(STAND_IN_LOADER, base / "custom_nodes" / "todo_test_stand_in_loader.py")
+    _link_models(base, "checkpoints", checkpoints)
+    if model_files is None:
+        model_files = write_stand_ins(checkpoint_cache()).folders
+    for folder, files in model_files.items():
+        _link_models(base, folder, files)
     port = free_port()
     log = base / "server.log"
     command = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from comfy_server import TEST_SIDE
+from comfy_server import FRAME_NODES, SIZE_NODES, STEP_NODES, TEST_FRAMES, TEST_SIDE
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
 WORKFLOWS = sorted((Path(__file__).resolve().parents[1] / "workflows").glob("*.json"))
@@ -53,19 +53,24 @@ LOADED = """(expected) => {
     return JSON.stringify(nodes.map((n) => n.type).sort()) === JSON.stringify(expected);
 }"""
 
-REDUCE_AND_QUEUE = """async (side) => {
+REDUCE_AND_QUEUE = """async ({side, frames, steps, sizeNodes, stepNodes, frameNodes}) => {
     const nodes = window.app.graph._nodes || window.app.graph.nodes;
     for (const node of nodes) {
         const widget = (name) => node.widgets && node.widgets.find((w) => w.name === name);
-        if (node.type === "EmptyLatentImage" || node.type === "EmptySD3LatentImage") {
+        const multiple = sizeNodes[node.type];
+        if (multiple) {
             const scale = side / Math.max(widget("width").value, widget("height").value);
-            widget("width").value = Math.max(64, Math.round(widget("width").value * scale / 8) * 8);
-            widget("height").value = Math.max(64, Math.round(widget("height").value * scale / 8) * 8);
+            widget("width").value = Math.max(64, Math.round(widget("width").value * scale / multiple) * multiple);
+            widget("height").value = Math.max(64, Math.round(widget("height").value * scale / multiple) * multiple);
         }
-        if (node.type === "KSampler") widget("steps").value = 2;
+        if (stepNodes.includes(node.type)) widget("steps").value = steps;
+        if (frameNodes[node.type]) widget(frameNodes[node.type]).value = frames;
     }
     await window.app.queuePrompt(0, 1);
 }"""
+"""The page's copy of ``comfy_server.reduced``, set through the widgets as a user would."""
+REDUCTION = {"side": TEST_SIDE, "frames": TEST_FRAMES, "steps": 2, "sizeNodes": SIZE_NODES,
+             "stepNodes": list(STEP_NODES), "frameNodes": FRAME_NODES}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -118,14 +123,14 @@ def test_dropped_workflow_loads_shows_todo_and_runs_from_the_page(server, page, 
     save_thumbnail(ARTIFACTS / f"{path.stem}.png", ARTIFACTS / f"{path.stem}.jpg")
 
     before = set(finished_prompts(server))
-    page.evaluate(REDUCE_AND_QUEUE, TEST_SIDE)
+    page.evaluate(REDUCE_AND_QUEUE, REDUCTION)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         new = {k: v for k, v in finished_prompts(server).items() if k not in before}
         if new:
             (entry,) = new.values()
             assert entry["status"]["status_str"] == "success", entry["status"]
-            assert any(output.get("images") for output in entry["outputs"].values())
+            assert any(output.get("images") for output in entry["outputs"].values())  # a video is listed there too
             return
         time.sleep(1)
     raise AssertionError(f"the queued workflow did not finish:\n{server.log_tail()}")

@@ -15,7 +15,8 @@ WORKFLOWS = sorted((Path(__file__).resolve().parents[1] / "workflows").glob("*.j
 def test_there_are_example_workflows():
     assert {p.stem for p in WORKFLOWS} >= {
         "sd15_txt2img_2048", "sdxl_txt2img_2048x2048", "sdxl_txt2img_2560x1440", "sdxl_hires_fix_2x",
-        "sdxl_deep_shrink_todo_4096", "flux_dev_txt2img_2048",
+        "sdxl_deep_shrink_todo_4096", "flux_dev_txt2img_2048", "z_image_turbo_txt2img_2048",
+        "flux2_dev_txt2img_2048", "wan22_5b_t2v_1280x704",
     }  # fmt: skip
 
 
@@ -25,14 +26,29 @@ def test_each_workflow_has_a_template_thumbnail(path):
     assert thumbnail.is_file() and thumbnail.read_bytes()[:3] == b"\xff\xd8\xff"
 
 
+LOADERS = {"CheckpointLoaderSimple": "checkpoints", "UNETLoader": "diffusion_models", "CLIPLoader": "text_encoders",
+           "VAELoader": "vae"}  # fmt: skip
+"""Loader node -> the model folder it reads; the file name is its first widget."""
+
+
+def model_files(workflow: dict) -> set[tuple[str, str]]:
+    """(folder, file name) of every model file the workflow's loaders name."""
+    return {(LOADERS[n["type"]], n["widgets_values"][0]) for n in workflow["nodes"] if n["type"] in LOADERS}
+
+
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
-def test_each_workflow_explains_itself_and_lists_its_checkpoint(path):
+def test_each_workflow_explains_itself_and_lists_its_model_files(path):
     workflow = json.loads(path.read_text())
     notes = [n for n in workflow["nodes"] if n["type"] == "Note"]
     assert notes and "ToDo" in notes[0]["widgets_values"][0]
-    checkpoints = {n["widgets_values"][0] for n in workflow["nodes"] if n["type"] == "CheckpointLoaderSimple"}
-    assert checkpoints == {m["name"] for m in workflow["models"]}
-    assert all(m["url"].startswith("https://") and m["directory"] == "checkpoints" for m in workflow["models"])
+    listed = {(m["directory"], m["name"]) for m in workflow["models"]}
+    assert model_files(workflow) == listed, "the models list names every file a loader reads, and only those"
+    for model in workflow["models"]:
+        assert model["url"].startswith("https://") and model["url"].split("?")[0].endswith("/" + model["name"])
+    for loader in [n for n in workflow["nodes"] if n["type"] in LOADERS]:  # the frontend's missing-model dialog
+        folder, name = LOADERS[loader["type"]], loader["widgets_values"][0]
+        (model,) = loader["properties"]["models"]
+        assert (model["directory"], model["name"]) == (folder, name) and model in workflow["models"]
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
@@ -57,15 +73,15 @@ def api_prompt(path: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def checkpoint_stand_ins(node, tmp_path_factory):
-    """Empty files named like the workflows' checkpoints: validation checks names, it never loads them."""
+    """Empty files named like the workflows' model files: validation checks names, it never loads them."""
     import folder_paths
 
-    folder = tmp_path_factory.mktemp("checkpoints")
-    for path in WORKFLOWS:
-        for entry in api_prompt(path).values():
-            if entry["class_type"] == "CheckpointLoaderSimple":
-                (folder / entry["inputs"]["ckpt_name"]).touch()
-    folder_paths.add_model_folder_path("checkpoints", str(folder))
+    root = tmp_path_factory.mktemp("models")
+    for folder, name in set().union(*(model_files(json.loads(path.read_text())) for path in WORKFLOWS)):
+        (root / folder).mkdir(exist_ok=True)
+        (root / folder / name).touch()
+    for folder in set(LOADERS.values()):
+        folder_paths.add_model_folder_path(folder, str(root / folder))
 
 
 def validate(prompt: dict):
