@@ -96,7 +96,8 @@ def grid_tokens(kind: str, height: int, width: int, edit: bool = False) -> tuple
 def reference_refiner_calls(kind: str, calls, grid: int, **extras) -> set[int]:
     """OmniGen2 refines a reference as large as the image in calls of the image's length, after the image's own
     refiner calls (omnigen2.py: noise refiner, then ref refiner): ToDo leaves the references whole."""
-    if kind != "omnigen2" or not any(h * w and -(-h // 2) * -(-w // 2) == grid for h, w in extras.get("references", ())):
+    references = extras.get("references", ())
+    if kind != "omnigen2" or not any(-(-h // 2) * -(-w // 2) == grid for h, w in references):
         return set()
     same = [i for i, c in enumerate(calls) if c.block_type is None and c.q_tokens == c.kv_tokens == grid]
     return set(same[len(same) // 2 :])
