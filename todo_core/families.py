@@ -418,16 +418,17 @@ DIT_FAMILIES: dict[str, DiTFamily] = {
             image_position=ImagePosition.FIRST,
             image_only=True,
         ),
-        DiTFamily(
+        DiTFamily(  # one class for the text-to-image model (1024 px) and the image-to-video one (17 channels, 720p)
             "cosmos_predict2",
             (1, 2, 2),
-            (1280, 704),
+            (1024, 1024),
             video=True,
             label="Cosmos Predict2",
             class_paths=("comfy.ldm.cosmos.predict2.MiniTrainDIT",),
             image_position=ImagePosition.FIRST,
             image_only=True,
             not_image_attention=("cross_attn",),
+            variants=(NativeSizeVariant("in_channels", 17, (1280, 704), label="Cosmos Predict2 video"),),
         ),
     )
 }
