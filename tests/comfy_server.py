@@ -102,7 +102,7 @@ def reduced(prompt: dict, steps: int = 2) -> dict:
 
 
 def checkpoint_cache() -> Path:
-    """Where the 2 GB random checkpoint and the DiT stand-ins (0.6 GB) are kept between runs (TODO_TEST_CACHE
+    """Where the 2 GB random checkpoint and the DiT stand-ins (0.5 GB) are kept between runs (TODO_TEST_CACHE
     overrides)."""
     return Path(os.environ.get("TODO_TEST_CACHE", Path.home() / ".cache" / "comfyui-todo-tests"))
 

@@ -5,9 +5,9 @@ The workflows load split files: a diffusion model (UNETLoader), a text encoder (
 that ComfyUI's own loaders load as the architecture the graph expects, at a size a 2-core CPU runs in seconds:
 
 - **Diffusion models**: the model class of the real one (``NextDiT`` as ComfyUI's ``ZImage`` config, ``Flux`` as
-  ``Flux2``, ``WanModel`` as ``WAN22_T2V``: the 48-channel TI2V 5B) with two heads (64 to 256 wide) and two or
-  three blocks. ComfyUI's detection reads widths and block counts from the tensor shapes, but hard-codes the rest for
-  the full-size models (Flux.2's 48 heads, Z-Image's 30 heads and RoPE axes, every Wan text width of 4096), and
+  ``Flux2``, ``WanModel`` as ``WAN22_T2V``: the 48-channel TI2V 5B) with two heads, a width of 64 to 256 and two
+  or three blocks. ComfyUI's detection reads widths and block counts from the tensor shapes, but hard-codes the rest for
+  the full-size models (Flux.2's 48 heads, Z-Image's 30 heads and RoPE axes, Wan's text width of 4096), and
   matches Z-Image by its full width, 3840. A stand-in therefore carries those few values, and the config class, in
   its safetensors metadata (:data:`STAND_IN_KEY`); the test server's ``stand_in_loader`` custom node applies them
   on top of what detection read (:func:`detected_config_agrees` checks that detection reads everything else).
@@ -22,7 +22,7 @@ that ComfyUI's own loaders load as the architecture the graph expects, at a size
   which the text-to-video graph never asks for). ``flux2-vae.safetensors`` has no such decoder, so it is the real
   architecture: its batch norm over the 2x2-patched latent (128 channels at 16x) runs as in the real model.
 
-Everything is written once into the test cache (a few hundred MB) and reused.
+Everything is written once into the test cache (0.5 GB, mostly the CLIP-L and the Flux.2 VAE) and reused.
 """
 
 from __future__ import annotations
