@@ -7,6 +7,7 @@ Thin on purpose: every decision about grids, factors and downsampling lives in
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 
 from comfy.patcher_extension import WrappersMP
@@ -28,16 +29,16 @@ from .todo_core.config import (
     MAX_NATIVE_RESOLUTION,
     MIN_FACTOR,
 )
-from .todo_core.dit import (
+from .todo_core.dit import LATENT_INFO_KEY, BlockSelection, CrossAttentionFlag, ToDoAttentionOverride
+from .todo_core.families import (
     DEFAULT_LATENT_SCALE,
     DIT_FAMILIES,
-    LATENT_INFO_KEY,
     LATENT_SCALES,
-    BlockSelection,
-    CrossAttentionFlag,
     DiTFamily,
     LatentInfo,
-    ToDoAttentionOverride,
+    find_family,
+    patch_triple,
+    steps_aside,
 )
 from .todo_core.patch import SIGMA_WINDOW_KEY, SigmaWindow, prepare_unet_options
 
@@ -50,45 +51,41 @@ TRANSFORMER_OPTIONS_ARG = 5
 LATENT_ARG, CROSSATTN_ARG = 0, 3
 """Positions of the latent and the text context in the apply-model wrapper call."""
 OVERRIDE_KEY = "optimized_attention_override"
-DIT_CLASSES = {
-    "comfy.ldm.flux.model.Flux": "flux",
-    "comfy.ldm.modules.diffusionmodules.mmdit.MMDiT": "sd3",
-    "comfy.ldm.qwen_image.model.QwenImageTransformer2DModel": "qwen_image",
-    "comfy.ldm.wan.model.WanModel": "wan",
-}
-"""Diffusion-model classes (or their bases) by full path -> supported DiT family. AuraFlow's is also called MMDiT."""
-SUPPORTED = "SD1.x, SD2.x and SDXL UNets, Flux, SD3, Qwen-Image and Wan"
+LATENT_SHAPES_ARG = "latent_shapes"
+"""Model-call input of models whose sampler packs several latents into one (LTX-2: video, then audio)."""
+SUPPORTED = "SD1.x, SD2.x and SDXL UNets and " + ", ".join(f.label for f in DIT_FAMILIES.values())
+
+
+def class_paths(obj) -> list[str]:
+    """``module.qualname`` of an object's type and of each of its bases, most derived first."""
+    return [f"{cls.__module__}.{cls.__qualname__}" for cls in type(obj).__mro__]
 
 
 def dit_family(model, native_resolution: int = DETECT_NATIVE_RESOLUTION) -> DiTFamily | None:
     """The supported DiT family of a ComfyUI model, as this model is built.
 
     Its patch size is the diffusion model's own, its pixels per latent cell
-    come from its latent format (Flux.2's and Wan 2.2 5B's VAEs downscale 16x),
-    its native size from its config (Wan 14B trains at 1280x720, 1.3B at
-    832x480), unless the node's ``native_resolution`` names a square size.
+    come from its latent format (Flux.2's and Wan 2.2 5B's VAEs downscale 16x,
+    LTX's 32x, Chroma Radiance works on pixels), its native size and padding
+    from its config (Wan 14B trains at 1280x720, 1.3B at 832x480; Z-Image pads
+    its runs to 32 tokens), unless the node's ``native_resolution`` names a
+    square size.
     """
     diffusion_model = model.get_model_object("diffusion_model")
-    for cls in type(diffusion_model).__mro__:
-        name = DIT_CLASSES.get(f"{cls.__module__}.{cls.__qualname__}")
-        if name is None:
-            continue
-        patch = getattr(diffusion_model, "patch_size", None)
-        if isinstance(patch, int):
-            patch = (1, patch, patch)
-        elif isinstance(patch, (tuple, list)) and len(patch) == 3:
-            patch = tuple(int(p) for p in patch)
-        else:
-            patch = None
-        latent_format = type(model.get_model_object("latent_format")).__name__
-        unet_config = getattr(getattr(model.model, "model_config", None), "unet_config", {}) or {}
-        family = DIT_FAMILIES[name].for_model(
-            unet_config, patch, LATENT_SCALES.get(latent_format, DEFAULT_LATENT_SCALE)
-        )
-        if native_resolution != DETECT_NATIVE_RESOLUTION:
-            family = dataclasses.replace(family, native_size=(native_resolution, native_resolution))
-        return family
-    return None
+    family = find_family(class_paths(diffusion_model))
+    if family is None:
+        return None
+    latent_format = type(model.get_model_object("latent_format")).__name__
+    unet_config = getattr(getattr(model.model, "model_config", None), "unet_config", {}) or {}
+    family = family.for_model(
+        unet_config,
+        patch_triple(getattr(diffusion_model, "patch_size", None)),
+        LATENT_SCALES.get(latent_format, DEFAULT_LATENT_SCALE),
+        latent_format,
+    )
+    if native_resolution != DETECT_NATIVE_RESOLUTION:
+        family = dataclasses.replace(family, native_size=(native_resolution, native_resolution))
+    return family
 
 
 def detect_native_resolution(model) -> int:
@@ -145,8 +142,9 @@ class ToDoModelPatch(io.ComfyNode):
             description=(
                 "Speeds up high-resolution generation with SD1.x, SD2.x and SDXL UNets by downsampling the keys "
                 "and values of self-attention (ToDo, arXiv 2402.13573). Queries keep full resolution, so the "
-                "image keeps its detail. Any size or aspect ratio; chains with other attention patches. On Flux, "
-                "SD3, Qwen-Image and Wan it reduces the image keys of joint attention, with a mass correction "
+                "image keeps its detail. Any size or aspect ratio; chains with other attention patches. On "
+                "diffusion transformers (Flux.1 and Flux.2, Z-Image, Qwen-Image, Chroma, SD3, HiDream, Wan, LTX, "
+                "HunyuanVideo and more) it reduces the image keys of joint attention, with a mass correction "
                 "that keeps the text's share of attention where it was."
             ),
             inputs=[
@@ -178,9 +176,11 @@ class ToDoModelPatch(io.ComfyNode):
                     step=8,
                     tooltip=(
                         "Auto mode: the model's training resolution in pixels (a square side). 0 = detect from "
-                        "the model: 512 for SD1.x, 768 for SD2.x-v, 1024 for SDXL, Flux.1, Flux.2 and SD3, 1328 "
-                        "for Qwen-Image, 832x480 for Wan 2.1 1.3B, 1280x720 for Wan 14B, 1280x704 for Wan 2.2 5B. "
-                        "Set 512 for SD-Turbo and SDXL-Turbo."
+                        "the model: 512 for SD1.x, 768 for SD2.x-v, 1024 for SDXL, Flux, Z-Image, Chroma, SD3 and "
+                        "most image DiTs, 1328 for Qwen-Image, 2048 for HunyuanImage 2.1, the trained size of each "
+                        "video model (832x480 for Wan 2.1 1.3B, 1280x720 for Wan 14B and HunyuanVideo, 1280x704 "
+                        "for Wan 2.2 5B, 768x512 for LTX-Video; the README lists them all). Set 512 for SD-Turbo "
+                        "and SDXL-Turbo."
                     ),
                 ),
                 io.String.Input(
@@ -189,8 +189,10 @@ class ToDoModelPatch(io.ComfyNode):
                     optional=True,  # added after the first release: API prompts saved before it stay valid
                     tooltip=(
                         "Diffusion transformers only: the blocks ToDo acts in. 'all', or a comma-separated list of "
-                        "'double', 'single', an index or range ('0-9'), or both ('single:0-19'). Flux has double "
-                        "and single blocks; Qwen-Image and Wan number theirs as double. Ignored for UNets."
+                        "'double', 'single', an index or range ('0-9'), or both ('single:0-19'). Flux, Chroma and "
+                        "HunyuanVideo have double and single blocks; Qwen-Image, Z-Image, Wan and Kandinsky 5 "
+                        "number theirs as double; the others report no blocks (ToDo then acts in all). Ignored "
+                        "for UNets."
                     ),
                 ),
                 io.Float.Input(
@@ -201,7 +203,8 @@ class ToDoModelPatch(io.ComfyNode):
                     max=MAX_FACTOR,
                     step=0.25,
                     tooltip=(
-                        "Video DiTs (Wan) only: key/value downsample factor along time, on top of the spatial one. "
+                        "Video DiTs only (Wan, HunyuanVideo, LTX, Kandinsky 5, Cosmos, Mochi): key/value downsample "
+                        "factor along time, on top of the spatial one. "
                         "1 = every frame's keys kept (default: motion depends on them)."
                     ),
                 ),
@@ -251,26 +254,21 @@ class ToDoModelPatch(io.ComfyNode):
         patched = model.clone()
         remove_todo(patched)  # the last ToDo node of a chain decides, as with any other setting
         if family is None and count_self_attention_layers(model) == 0:
-            logger.warning(
-                "ToDo: %s (%s) is not a model family ToDo supports (%s); ToDoModelPatch leaves it unchanged.",
-                type(model.model).__name__,
-                type(model.get_model_object("diffusion_model")).__name__,
-                SUPPORTED,
-            )
+            warn_unsupported(model)
             return io.NodeOutput(patched)
         if config.is_identity:
             return io.NodeOutput(patched)
 
         if family is not None:
             add_dit_override(patched, ToDoAttentionOverride(config, family, blocks))
-            flag_cross_attention(patched, family)
+            flag_not_image_attention(patched, family)
             warn_about_unknown_blocks(patched, family, blocks)
         else:
             patched.set_model_attn1_patch(ToDoAttn1Patch(config))
         patched.add_wrapper_with_key(
             WrappersMP.APPLY_MODEL,
             WRAPPER_KEY,
-            ToDoModelCall(config.start_percent, config.end_percent, records_latent=family is not None),
+            ToDoModelCall(config.start_percent, config.end_percent, family),
         )
         return io.NodeOutput(patched)
 
@@ -301,14 +299,39 @@ def add_dit_override(patched, override: ToDoAttentionOverride) -> None:
     options[OVERRIDE_KEY] = override.with_inner(options.get(OVERRIDE_KEY))
 
 
-def flag_cross_attention(patched, family: DiTFamily) -> None:
-    """Object patches that flag the calls of the family's cross-attention modules (restored after sampling)."""
-    if family.cross_attention is None:
+def warn_unsupported(model) -> None:
+    """One warning when the node meets a model it leaves unchanged, saying why where the reason is known."""
+    diffusion_model = model.get_model_object("diffusion_model")
+    known = steps_aside(class_paths(diffusion_model))
+    if known is not None:
+        name, reason = known
+        logger.warning("ToDo: %s is left unchanged: %s.", name, reason)
         return
+    logger.warning(
+        "ToDo: %s (%s) is not a model family ToDo supports (%s); ToDoModelPatch leaves it unchanged.",
+        type(model.model).__name__,
+        type(diffusion_model).__name__,
+        SUPPORTED,
+    )
+
+
+def flag_not_image_attention(patched, family: DiTFamily) -> None:
+    """Object patches that flag the calls of the family's non-image attention modules (restored after sampling).
+
+    Only the outermost matching modules that take ``transformer_options`` are
+    patched: their flag reaches every attention call inside them.
+    """
+    if not family.not_image_attention:
+        return
+    flagged: list[str] = []
     for name, module in patched.get_model_object("diffusion_model").named_modules():
-        if name.rsplit(".", 1)[-1] == family.cross_attention:
-            original = type(module).forward.__get__(module)  # the class's own, never an earlier flag
-            patched.add_object_patch(f"diffusion_model.{name}.forward", CrossAttentionFlag(original))
+        if not name or not family.flags(name) or any(name.startswith(f"{outer}.") for outer in flagged):
+            continue
+        original = type(module).forward.__get__(module)  # the class's own, never an earlier flag
+        if "transformer_options" not in inspect.signature(original).parameters:
+            continue
+        patched.add_object_patch(f"diffusion_model.{name}.forward", CrossAttentionFlag(original))
+        flagged.append(name)
 
 
 def block_counts(model, family: DiTFamily) -> dict[str, int]:
@@ -350,40 +373,43 @@ class ToDoModelCall:
     - The sigma window, from the schedule of the model sampling the sampler
       really uses (a shift node placed after ToDo changes it), so the window
       does not depend on the order of the nodes.
-    - DiTs: the latent grid and the text length.
+    - DiTs: the latent grid, the text prefix and the reference tokens (from the family's table entry).
     - UNets: ToDo's attn1 patch last in the chain, blocks whose attn1 another patch replaces.
     """
 
-    def __init__(self, start_percent: float, end_percent: float, records_latent: bool) -> None:
+    def __init__(self, start_percent: float, end_percent: float, family: DiTFamily | None) -> None:
         self.start_percent = start_percent
         self.end_percent = end_percent
-        self.records_latent = records_latent
+        self.family = family
 
     def __repr__(self) -> str:
-        return f"ToDoModelCall({self.start_percent}, {self.end_percent}, records_latent={self.records_latent})"
+        family = self.family.name if self.family else "unet"
+        return f"ToDoModelCall({self.start_percent}, {self.end_percent}, {family})"
 
     def __call__(self, executor, *args, **kwargs):
         window = SigmaWindow.from_percents(executor.class_obj.model_sampling, self.start_percent, self.end_percent)
-        latent = self.latent_info(args, kwargs) if self.records_latent else None
+        latent = self.latent_info(args, kwargs) if self.family is not None else None
 
         recorded = {LATENT_INFO_KEY: latent} if latent is not None else {}
         if window is not None:
             recorded[SIGMA_WINDOW_KEY] = window
 
         def prepare(options: dict) -> dict:
-            prepared = options if self.records_latent else prepare_unet_options(options)
+            prepared = options if self.family is not None else prepare_unet_options(options)
             return {**prepared, **recorded} if recorded else prepared
 
         args, kwargs = _with_transformer_options(args, kwargs, prepare)
         return executor(*args, **kwargs)
 
-    @staticmethod
-    def latent_info(args: tuple, kwargs: dict) -> LatentInfo:
+    def latent_info(self, args: tuple, kwargs: dict) -> LatentInfo:
         x = args[LATENT_ARG] if args else kwargs["x"]
         context = args[CROSSATTN_ARG] if len(args) > CROSSATTN_ARG else kwargs.get("c_crossattn")
-        frames = x.shape[2] if x.ndim == 5 else 1
-        text_tokens = context.shape[1] if context is not None and context.ndim == 3 else 0
-        return LatentInfo(frames, x.shape[-2], x.shape[-1], text_tokens)
+        shape = tuple(x.shape)
+        packed = kwargs.get(LATENT_SHAPES_ARG)
+        if packed and len(packed) > 1:  # several latents packed into one: the first is the video
+            shape = tuple(packed[0])
+        text_length = context.shape[1] if context is not None and context.ndim == 3 else 0
+        return self.family.latent_info(shape, text_length, kwargs)
 
 
 class ToDoExtension(ComfyExtension):

@@ -1,8 +1,9 @@
 """ToDo for diffusion transformers: image keys/values downsampled inside joint attention, mass-corrected.
 
 A DiT block attends over one sequence that holds text tokens and the image's
-patch tokens (Flux, SD3 and Qwen-Image put the text first; reference latents
-follow the image). Keeping one key of every ``f x f`` group of image tokens
+patch tokens, in the order its family puts them (``families.py``: text first
+for Flux, SD3, Z-Image; image first for HiDream, HunyuanVideo; image alone for
+Wan, LTX). Keeping one key of every ``f x f`` group of image tokens
 makes each kept key stand for the ``f**2`` keys it replaces, while every text
 key still stands for itself: plain subsampling shifts softmax mass from the
 image to the text. Adding ``log(group size)`` to the logit of each kept key
@@ -12,15 +13,15 @@ is replaced by the group's kept key and value. Groups are the nearest-sampling
 cells: ``f x f`` inside the grid, smaller at a border the factor does not
 divide, each with its own exact bias.
 
-Nothing here imports ComfyUI. The node layer records the latent shape and the
-text length per model call and registers :class:`ToDoAttentionOverride` as
+Nothing here imports ComfyUI. The node layer records the latent shape, the
+text length and the reference tokens per model call and registers :class:`ToDoAttentionOverride` as
 ComfyUI's ``optimized_attention_override``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
+import inspect
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -32,7 +33,32 @@ import torch
 from .choices import ConfigError
 from .config import ToDoConfig
 from .downsample import nearest_indices, output_side, output_tokens
+from .families import (
+    DIT_FAMILIES,
+    DiTFamily,
+    LatentInfo,
+    SequenceLayout,
+    holds_no_image,
+    resolve_layout,
+    token_grid,
+)
 from .patch import in_sigma_window, warn_once
+
+__all__ = [  # the layout names come from families.py; code written against this module keeps working
+    "CROSS_ATTENTION_KEY",
+    "DIT_FAMILIES",
+    "LATENT_INFO_KEY",
+    "BlockSelection",
+    "CrossAttentionFlag",
+    "DiTFamily",
+    "LatentInfo",
+    "SequenceLayout",
+    "ToDoAttentionOverride",
+    "reduce_keys",
+    "resolve_layout",
+    "sdpa_attention",
+    "select_keys",
+]
 
 LATENT_INFO_KEY = "todo_latent"
 """``transformer_options`` entry in which the node's model wrapper records a :class:`LatentInfo`."""
@@ -41,159 +67,35 @@ CROSS_ATTENTION_KEY = "todo_cross_attention"
 
 
 class CrossAttentionFlag:
-    """A cross-attention module's ``forward`` that flags its attention calls in ``transformer_options``.
+    """A module's ``forward`` that flags its attention calls in ``transformer_options`` as not image self-attention.
 
     Registered by the node as an object patch (ComfyUI restores the original
-    after sampling). Where the text is exactly as long as the video, shapes
-    cannot tell Wan's cross-attention from its self-attention; the flag can.
+    after sampling) on the modules a family names: cross-attention, audio
+    streams, text encoders. Where the text is exactly as long as the video,
+    shapes cannot tell Wan's cross-attention from its self-attention; the flag
+    can. ``transformer_options`` may come as a keyword or in its position.
     """
 
     def __init__(self, forward: Callable[..., Any]) -> None:
         self.forward = forward
+        try:
+            names = list(inspect.signature(forward).parameters)
+        except (TypeError, ValueError):
+            names = []
+        self.position = names.index("transformer_options") if "transformer_options" in names else None
 
-    def __call__(self, *args: Any, transformer_options: Mapping[str, Any] | None = None, **kwargs: Any) -> Any:
-        options = {**(transformer_options or {}), CROSS_ATTENTION_KEY: True}
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.position is not None and len(args) > self.position:
+            args = list(args)
+            args[self.position] = {**(args[self.position] or {}), CROSS_ATTENTION_KEY: True}
+            return self.forward(*args, **kwargs)
+        options = {**(kwargs.pop("transformer_options", None) or {}), CROSS_ATTENTION_KEY: True}
         return self.forward(*args, transformer_options=options, **kwargs)
 
 
-@dataclass(frozen=True, slots=True)
-class NativeSizeVariant:
-    """A member of a family trained at another size, told apart by a value of its model config."""
-
-    config_key: str
-    value: Any
-    native_size: tuple[int, int]
-
-
-@dataclass(frozen=True, slots=True)
-class DiTFamily:
-    """What ToDo needs to know of a DiT family to find its image tokens and its native token count."""
-
-    name: str
-    patch_size: tuple[int, int, int]
-    """Latent cells per token along (frames, height, width); the node takes the model's own where it reports one."""
-    native_size: tuple[int, int]
-    """Training resolution in pixels (width, height): auto mode keeps the image keys of one such frame."""
-    video: bool = False
-    """Self-attention over all frames of a video latent, image tokens only."""
-    variants: tuple[NativeSizeVariant, ...] = ()
-    """Members trained at another size (Wan 14B at 1280x720, Wan 2.2 5B at 1280x704)."""
-    latent_scale: int = 8
-    """Pixels per latent cell (the VAE's downscale); the node sets it from the model's latent format."""
-    block_lists: tuple[tuple[str, str], ...] = ()
-    """(block type as the model reports it, attribute of the diffusion model holding those blocks); empty when the
-    model reports no block indices (SD3)."""
-    cross_attention: str | None = None
-    """Name of the modules whose attention is cross-attention to the text although its shapes may look like
-    self-attention (Wan's ``cross_attn``: as many text tokens as video tokens); the node flags their calls."""
-
-    def for_model(self, model_config: Mapping[str, Any], patch_size: tuple[int, int, int] | None,
-                  latent_scale: int) -> DiTFamily:  # fmt: skip
-        """This family as one model of it is built: its patch size, latent scale and native size."""
-        native = next(
-            (v.native_size for v in self.variants if model_config.get(v.config_key) == v.value), self.native_size
-        )
-        return dataclasses.replace(
-            self, patch_size=patch_size or self.patch_size, latent_scale=latent_scale, native_size=native
-        )
-
-    @property
-    def pixels_per_token(self) -> tuple[int, int]:
-        """Image pixels (height, width) one token covers: the VAE's downscale times the patch size."""
-        return self.latent_scale * self.patch_size[1], self.latent_scale * self.patch_size[2]
-
-    @property
-    def native_tokens(self) -> int:
-        """Image tokens of one frame at the native size: auto mode's key budget."""
-        (pixels_h, pixels_w), (width, height) = self.pixels_per_token, self.native_size
-        return -(-height // pixels_h) * -(-width // pixels_w)
-
-
-DIT_FAMILIES: dict[str, DiTFamily] = {
-    family.name: family
-    for family in (
-        DiTFamily(  # Flux.1 and Flux.2 (latent 16x, patch 1: 16 px per token too)
-            "flux", (1, 2, 2), (1024, 1024), block_lists=(("double", "double_blocks"), ("single", "single_blocks"))
-        ),
-        DiTFamily("sd3", (1, 2, 2), (1024, 1024)),
-        DiTFamily("qwen_image", (1, 2, 2), (1328, 1328), block_lists=(("double", "transformer_blocks"),)),
-        DiTFamily(
-            "wan",
-            (1, 2, 2),
-            (832, 480),  # Wan 2.1 1.3B
-            video=True,
-            block_lists=(("double", "blocks"),),
-            cross_attention="cross_attn",
-            variants=(
-                NativeSizeVariant("out_dim", 48, (1280, 704)),  # Wan 2.2 TI2V 5B: 48-channel latent of its 16x VAE
-                NativeSizeVariant("dim", 5120, (1280, 720)),  # Wan 2.1 14B, Wan 2.2 A14B
-            ),
-        ),
-    )
-}
-"""Supported families and the sizes they were trained at."""
-
-LATENT_SCALES: dict[str, int] = {"Flux2": 16, "Wan22": 16}
-"""Pixels per latent cell of the latent formats (by ComfyUI class name) whose VAE is not the usual 8x."""
-DEFAULT_LATENT_SCALE = 8
-
-
-@dataclass(frozen=True, slots=True)
-class LatentInfo:
-    """Per model call: the latent ``(frames, height, width)`` and the number of text tokens."""
-
-    frames: int
-    height: int
-    width: int
-    text_tokens: int
-
-
-@dataclass(frozen=True, slots=True)
-class SequenceLayout:
-    """Where the image grid sits in an attention sequence: ``prefix | frames x height x width | suffix``."""
-
-    prefix: int
-    frames: int
-    height: int
-    width: int
-    suffix: int
-
-    @property
-    def image_tokens(self) -> int:
-        return self.frames * self.height * self.width
-
-    @property
-    def tokens(self) -> int:
-        return self.prefix + self.image_tokens + self.suffix
-
-
-def token_grid(latent: LatentInfo, patch_size: tuple[int, int, int]) -> tuple[int, int, int]:
-    """Token grid of a latent: every DiT pads the latent to whole patches before patchifying."""
-    pt, ph, pw = patch_size
-    return -(-latent.frames // pt), -(-latent.height // ph), -(-latent.width // pw)
-
-
-def resolve_layout(n_tokens: int, latent: LatentInfo, family: DiTFamily) -> SequenceLayout | None:
-    """Place the image grid in a sequence of ``n_tokens`` keys, or ``None`` when it does not fit.
-
-    Image-only attention (SD3.5's extra self-attention, every Wan block) holds
-    exactly the grid, one or more frames of it; joint attention holds the text
-    first, then the grid, then any reference-latent tokens, which are kept.
-    """
+def describe_grid(latent: LatentInfo, family: DiTFamily) -> str:
     frames, height, width = token_grid(latent, family.patch_size)
-    per_frame = height * width
-    if per_frame == 0:
-        return None
-    if family.video:
-        if n_tokens % per_frame:
-            return None
-        return SequenceLayout(0, n_tokens // per_frame, height, width, 0)
-    if n_tokens == frames * per_frame:
-        return SequenceLayout(0, frames, height, width, 0)
-    suffix = n_tokens - latent.text_tokens - frames * per_frame
-    if suffix < 0:
-        return None
-    return SequenceLayout(latent.text_tokens, frames, height, width, suffix)
+    return f"{frames}x{height}x{width} tokens with patch {'x'.join(map(str, family.patch_size))}"
 
 
 def _group_sizes(side: int, factor: float) -> list[int]:
@@ -443,14 +345,18 @@ class ToDoAttentionOverride:
             return None  # cross-attention (Wan's text, image-prompt tokens): nothing to reduce
         if options.get(CROSS_ATTENTION_KEY):
             return None  # Wan's cross-attention looks like self-attention when the text is as long as the video
-        layout = resolve_layout(k.shape[sequence_dim], latent, self.family)
+        n_tokens = k.shape[sequence_dim]
+        layout = resolve_layout(n_tokens, latent, self.family)
         if layout is None:
-            warn_once(
-                "dit-layout",
-                f"ToDo: {self.family.name} attention over {k.shape[sequence_dim]} tokens does not hold the "
-                f"{latent.height}x{latent.width} latent's image grid; those calls are left unchanged.",
-                options.get("sample_sigmas"),
-            )
+            if not holds_no_image(n_tokens, latent, self.family):
+                warn_once(
+                    "dit-layout",
+                    f"ToDo: {self.family.label or self.family.name} attention over {n_tokens} tokens does not hold "
+                    f"the image grid of the {latent.frames}x{latent.height}x{latent.width} latent "
+                    f"({describe_grid(latent, self.family)}, {latent.text_tokens} text and {latent.before} reference "
+                    "tokens); those calls are left unchanged.",
+                    options.get("sample_sigmas"),
+                )
             return None
         factor, temporal_factor = self.factor_for(layout), self.temporal_factor_for(layout)
         kept = output_side(layout.frames, temporal_factor) * output_tokens(layout.height, layout.width, factor, factor)
