@@ -131,6 +131,7 @@ def tiny(spec: ModelSpec) -> ModelSpec:
     return dataclasses.replace(
         spec,
         unet_config={**spec.unet_config, **spec.tiny},
+        blocks=f"narrow test model ({spec.config_class} classes)",
         text_tokens=TINY_TEXT,
         context_dim=TINY_CONTEXT,
         pooled=TINY_POOLED if spec.pooled else None,

@@ -182,7 +182,9 @@ def dit_level(node):
 
 
 @pytest.mark.comfyui
-@pytest.mark.parametrize(("name", "size"), [("wan", "64x64x3"), ("sd3", "64x48")])
+@pytest.mark.parametrize(
+    ("name", "size"), [("wan", "64x64x3"), ("sd3", "64x48"), ("zimage", "96x80"), ("flux2", "64x48")]
+)
 def test_the_ceiling_gets_todos_keys_as_a_free_slice(dit_level, name, size):
     """Every call ToDo reduces reaches the backend, under the ceiling, with as many keys, sliced from the full
     keys (a view: no gather) and without a correction mask; the other calls are left alone."""

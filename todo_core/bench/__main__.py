@@ -1,7 +1,7 @@
 """Benchmark ToDo against exact attention and its peers: speed, memory and fidelity, side by side in one run.
 
     python -m todo_core.bench                      # attention + comfyui levels, quick preset (~20 min, 2 loaded cores)
-    python -m todo_core.bench --levels dit-attention,dit-model      # the diffusion-transformer levels
+    python -m todo_core.bench --levels dit-attention,dit-model      # the DiT levels (about 1 h, 2 quiet cores)
     python -m todo_core.bench --levels all --preset full            # every level, larger sizes (hours)
 
 Levels (``--levels``, comma- or space-separated; default ``attention,comfyui``):
@@ -130,6 +130,7 @@ PRESETS = {
         (ModelRun("sd15", "64x64", "pytorch", ("unpatched", "todo-2")),),
         DiTAttentionConfig(
             fidelity_grids=((11, 13),),
+            other_layout_fidelity_grids=((11, 13),),
             video_grids=((6, 8),),
             factors=(2,),
             timing_grids=((12, 12),),
@@ -241,7 +242,9 @@ def run_model_level(runs: tuple[ModelRun, ...], comfyui: Path, repeats: int, pee
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m todo_core.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m todo_core.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--preset", choices=sorted(PRESETS), default="quick", help="sizes and settings (default quick)")
     parser.add_argument(
         "--levels",

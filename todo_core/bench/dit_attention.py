@@ -110,6 +110,8 @@ class DiTAttentionConfig:
 
     layouts: tuple[str, ...] = tuple(LAYOUTS)
     fidelity_grids: tuple[tuple[int, int], ...] = ((96, 96), (95, 97))
+    other_layout_fidelity_grids: tuple[tuple[int, int], ...] = ((95, 97),)
+    """The image layouts but the text-first one: the uneven grid (border groups; Z-Image pads it)."""
     video_grids: tuple[tuple[int, int], ...] = ((30, 52), (31, 53))
     """Grids of one video frame (Wan 2.1 1.3B's 832x480 is 30x52 tokens)."""
     factors: tuple[float, ...] = (2, 3, 4)
@@ -123,7 +125,9 @@ class DiTAttentionConfig:
     repeats: int = 5
 
     def grids(self, case: LayoutCase) -> tuple[tuple[int, int], ...]:
-        return self.video_grids if case.frames > 1 else self.fidelity_grids
+        if case.frames > 1:
+            return self.video_grids
+        return self.fidelity_grids if case.name == "text-first" else self.other_layout_fidelity_grids
 
     def settings(self, case: LayoutCase) -> tuple[tuple[float, float], ...]:
         """(spatial factor, temporal factor) pairs measured for fidelity."""
