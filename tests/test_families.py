@@ -159,7 +159,7 @@ CASES = [
 
 
 def case_id(case) -> str:
-    name, patch, latent_format, multiple, frames, h, w, text, refs, after = case
+    name, _, latent_format, multiple, frames, h, w, text, refs, after = case
     return f"{latent_format or name}-{frames}x{h}x{w}-t{text}-r{len(refs)}-m{multiple or 1}-a{after}"
 
 
@@ -349,7 +349,7 @@ def test_every_size_from_256_to_2048_is_placed_and_budgeted(name, patch, latent_
                 assert factor == 1, (width_px, height_px)
 
 
-# --- the table ---------------------------------------------------------------------------------------------------------
+# --- the table -----------------------------------------------------------------------------------------------------
 
 
 def test_every_family_has_its_classes_a_label_and_a_native_size():

@@ -418,16 +418,17 @@ DIT_FAMILIES: dict[str, DiTFamily] = {
             image_position=ImagePosition.FIRST,
             image_only=True,
         ),
-        DiTFamily(
+        DiTFamily(  # one class for the text-to-image model (1024 px) and the image-to-video one (17 channels, 720p)
             "cosmos_predict2",
             (1, 2, 2),
-            (1280, 704),
+            (1024, 1024),
             video=True,
             label="Cosmos Predict2",
             class_paths=("comfy.ldm.cosmos.predict2.MiniTrainDIT",),
             image_position=ImagePosition.FIRST,
             image_only=True,
             not_image_attention=("cross_attn",),
+            variants=(NativeSizeVariant("in_channels", 17, (1280, 704), label="Cosmos Predict2 video"),),
         ),
     )
 }
@@ -445,8 +446,8 @@ STEPS_ASIDE: dict[str, tuple[str, str]] = {
     ),
     "comfy.ldm.cascade.stage_c.StageC": (
         "Stable Cascade stage C",
-        "its attention runs at several feature-map sizes of a UNet-like model with no record of which one a call "
-        "is at, and its 24x24 latent at 1024 px leaves little to reduce",
+        "its attention reaches ComfyUI's override, but its prior works on a 24x24 latent at 1024 px (about 2,300 "
+        "tokens at 2048 px), too few for ToDo to save time",
     ),
     "comfy.ldm.cascade.stage_b.StageB": (
         "Stable Cascade stage B",
