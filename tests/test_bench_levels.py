@@ -24,6 +24,7 @@ COMMITTED = PACK_ROOT / "bench-results"
 
 def test_levels_take_commas_spaces_all_and_the_former_name():
     assert cli.parse_levels(["attention,dit-attention", "comfyui"]) == ("attention", "dit-attention", "comfyui")
+    assert cli.parse_levels(["attention, dit-model"]) == ("attention", "dit-model")
     assert cli.parse_levels(["dit-model,attention"]) == ("attention", "dit-model"), "run in the order of LEVELS"
     assert cli.parse_levels(["model"]) == ("comfyui",), "the comfyui level's former name"
     assert cli.parse_levels(["all"]) == cli.LEVELS == ("attention", "dit-attention", "comfyui", "dit-model")

@@ -67,8 +67,8 @@ class ModelRun:
 LEVELS = ("attention", "dit-attention", "comfyui", "dit-model")
 """Every level, in the order a run measures them: the torch-only levels first, then those through ComfyUI."""
 DEFAULT_LEVELS = ("attention", "comfyui")
-LEVEL_NAMES = {"model": "comfyui", "all": ",".join(LEVELS)}
-"""Other names ``--levels`` accepts: the comfyui level's former name, and every level."""
+LEVEL_NAMES = {"model": "comfyui"}
+"""Former names ``--levels`` still accepts (``all`` names every level)."""
 README_SECTIONS = {"dit-attention": "bench-dit", "dit-model": "bench-dit-model"}
 """The README section each DiT level writes with --update-readme (the UNet levels: --readme-section)."""
 
@@ -146,8 +146,11 @@ PRESETS = {
 
 def parse_levels(values: Iterable[str]) -> tuple[str, ...]:
     """``--levels`` as given (comma- or space-separated, former names allowed) -> the levels, in run order."""
-    names = {LEVEL_NAMES.get(name, name) for value in values for name in value.split(",") if name.strip()}
-    names = {level for name in names for level in name.split(",")}
+    names: set[str] = set()
+    for value in values:
+        for part in value.split(","):
+            name = LEVEL_NAMES.get(part.strip(), part.strip())
+            names.update(LEVELS if name == "all" else [name] if name else [])
     unknown = sorted(names - set(LEVELS))
     if unknown or not names:
         raise ValueError(f"unknown level(s) {', '.join(unknown) or '(none given)'}: choose from {', '.join(LEVELS)}, "
