@@ -224,10 +224,12 @@ def build_model(spec: ModelSpec, device):
     config.set_inference_dtype(torch.float32, None)
     model = config.get_model({}, device=device)
     generator = torch.Generator(device="cpu").manual_seed(SEED)
-    with torch.no_grad():  # every tensor a checkpoint would hold: parameters and persistent buffers
-        for _, tensor in sorted(model.diffusion_model.state_dict(keep_vars=True).items()):
-            if tensor.is_floating_point():
-                tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.02)
+    parameters = list(model.diffusion_model.parameters())
+    known = {id(parameter) for parameter in parameters}
+    buffers = [t for _, t in sorted(model.diffusion_model.state_dict(keep_vars=True).items()) if id(t) not in known]
+    with torch.no_grad():  # every tensor a checkpoint would hold: parameters, then buffers left uninitialised
+        for tensor in parameters + [b for b in buffers if b.is_floating_point()]:  # (SD3's pos_embed)
+            tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.02)
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
     probe = Probe()
     patcher.model_options.setdefault("transformer_options", {})[OVERRIDE_KEY] = probe
@@ -282,8 +284,9 @@ def one_step(model, spec: ModelSpec, size: str, seed: int):
 
     width, height, frames = parse_size(size)
     generator = torch.Generator().manual_seed(seed)
+    text = torch.randn(1, spec.text_tokens, spec.context_dim, generator=generator)
     extra = {"pooled_output": torch.randn(1, spec.pooled, generator=generator)} if spec.pooled else {}
-    positive = [[torch.randn(1, spec.text_tokens, spec.context_dim, generator=generator), extra]]
+    positive = [[text, extra]]
     zeros = {key: torch.zeros_like(value) for key, value in extra.items()}
     negative = [[torch.zeros(1, spec.text_tokens, spec.context_dim), zeros]]
     latent_format = model.get_model_object("latent_format")
