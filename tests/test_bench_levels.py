@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
 import sys
 
 import pytest
@@ -218,3 +219,9 @@ def test_every_dit_model_of_the_level_builds_and_steps(dit_level):
         size = "64x64x2" if name == "wan" else "64x64"
         assert torch.isfinite(dit_level.one_step(base, tiny, size, seed=0)).all()
         assert probe.calls, f"{name}: its attention goes through the override"
+
+
+def test_the_former_dit_attention_entry_point_is_the_one_command():
+    done = subprocess.run([sys.executable, "-m", "todo_core.bench.dit_attention", "--levels", "bogus"],
+                          capture_output=True, text=True, cwd=PACK_ROOT)  # fmt: skip
+    assert done.returncode == 2 and "python -m todo_core.bench" in done.stderr and "choose from" in done.stderr

@@ -407,3 +407,11 @@ def count_steps(config: DiTAttentionConfig) -> tuple[int, int]:
     fidelity = sum(len(config.grids(LAYOUTS[name])) * len(config.photos) for name in config.layouts)
     timing = sum(len(config.timed_grids(LAYOUTS[name])) for name in config.layouts)
     return fidelity, timing
+
+
+if __name__ == "__main__":  # the former entry point: the one command's dit-attention level
+    import sys
+
+    from .__main__ import main
+
+    sys.exit(main(["--levels", "dit-attention", *sys.argv[1:]]))
