@@ -309,6 +309,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         + ")",
     )
     parser.add_argument(
+        "--dit-model-section",
+        default=README_SECTIONS["dit-model"],
+        help="the README section the dit-model level writes (default %(default)s; a run of other models keeps "
+        "its own section, e.g. bench-dit-families)",
+    )
+    parser.add_argument(
         "--from-results",
         type=Path,
         default=None,
@@ -450,7 +456,7 @@ def run_dit_model_level(args: argparse.Namespace, runs: tuple[DiTRun, ...], comm
     section = save(rows, checks, child_meta, final=True)
     print((out / "results.md").read_text())
     if args.update_readme:
-        _update_readme(section, README_SECTIONS["dit-model"])
+        _update_readme(section, args.dit_model_section)
     return not any(name.endswith(": run failed") for name in checks)
 
 
@@ -464,7 +470,7 @@ def from_results(args: argparse.Namespace) -> int:
         section = dit_model.regenerate(data, args.out_dir / "dit-model")
         print((args.out_dir / "dit-model" / "results.md").read_text())
         if args.update_readme:
-            _update_readme(section, README_SECTIONS["dit-model"])
+            _update_readme(section, args.dit_model_section)
     else:
         meta, rows = read_json(args.from_results)
         publish(meta, rows, args.out_dir, args.update_readme and args.readme_section)
