@@ -304,3 +304,31 @@ class DtypeProbe(DiTProbe):
 def with_dtype_probe(patcher) -> tuple[object, DtypeProbe]:
     """:func:`with_probe` with a :class:`DtypeProbe`."""
     return with_probe(patcher, DtypeProbe())
+
+
+def check_key_counts(unpatched: DiTProbe, patched: DiTProbe, dropped_keys, what: str) -> int:
+    """Call by call, the patched run keeps the queries and has the unpatched keys less ``dropped_keys(i, call)``.
+
+    Returns how many calls lost keys; at least one must, or nothing held ``what``.
+    """
+    assert len(patched.calls) == len(unpatched.calls) and unpatched.calls
+    reduced = 0
+    for index, (before, after) in enumerate(zip(unpatched.calls, patched.calls, strict=True)):
+        assert after.q_tokens == before.q_tokens
+        dropped = dropped_keys(index, before)
+        assert after.kv_tokens == before.kv_tokens - dropped, (index, before, after)
+        reduced += dropped > 0
+    assert reduced, f"no call held {what}"
+    return reduced
+
+
+class LazyModels(dict):
+    """Models built on first use and kept for a test module: ``models[kind]``."""
+
+    def __init__(self, build) -> None:
+        super().__init__()
+        self.build = build
+
+    def __missing__(self, kind: str):
+        self[kind] = self.build(kind)
+        return self[kind]

@@ -18,7 +18,7 @@ import logging
 import pytest
 import torch
 from comfy_support import apply_node, import_comfyui
-from dit_support import with_probe
+from dit_support import LazyModels, check_key_counts, with_probe
 from tiny_image_dits import TEXT_TOKENS, TINY_IMAGE_DITS, CallProbe, build, probed_sample, sample
 
 pytestmark = pytest.mark.comfyui
@@ -110,27 +110,21 @@ def check_reduction(kind, unpatched, patched, height, width, factor=2, text=TEXT
     kept = ceil_div(gh, factor) * ceil_div(gw, factor)
     images = image_calls(kind, full, text, **extras)
     references = reference_refiner_calls(kind, unpatched.calls, full, **extras)
-    assert len(patched.calls) == len(unpatched.calls) and unpatched.calls
-    reduced = 0
-    for index, (before, after) in enumerate(zip(unpatched.calls, patched.calls, strict=True)):
-        assert after.q_tokens == before.q_tokens
-        is_image = before.q_tokens == before.kv_tokens and before.kv_tokens in images and index not in references
-        expected = before.kv_tokens - (full - kept) if is_image else before.kv_tokens
-        assert after.kv_tokens == expected, (kind, before, after)
-        reduced += is_image
-    assert reduced, f"{kind}: no call held the image grid"
-    return reduced
+
+    def dropped(index, call) -> int:
+        is_image = call.q_tokens == call.kv_tokens and call.kv_tokens in images and index not in references
+        return full - kept if is_image else 0
+
+    return check_key_counts(unpatched, patched, dropped, f"the {kind} image grid")
 
 
 @pytest.fixture(scope="module")
 def models():
     import_comfyui()
-    return {}
+    return LazyModels(build)
 
 
 def model(models, kind):
-    if kind not in models:
-        models[kind] = build(kind)
     return models[kind]
 
 

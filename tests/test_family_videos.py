@@ -16,7 +16,7 @@ import logging
 import pytest
 import torch
 from comfy_support import apply_node, import_comfyui
-from dit_support import with_probe
+from dit_support import LazyModels, check_key_counts, with_probe
 from tiny_video_dits import TEXT_TOKENS, TINY_VIDEO_DITS, build, ltxav_audio_latents, pixels_per_cell, sample
 from tiny_video_dits import token_grid as video_grid
 
@@ -74,26 +74,20 @@ def check_reduction(kind, unpatched, patched, height, width, frames, factor=2, t
     cells, kept_cells = h * w, ceil_div(h, factor) * ceil_div(w, factor)
     length, image_frames = image_sequence(kind, height, width, frames, text, **extras)
     dropped = image_frames * cells - ceil_div(image_frames, temporal) * kept_cells
-    assert len(patched.calls) == len(unpatched.calls) and unpatched.calls
-    reduced = 0
-    for before, after in zip(unpatched.calls, patched.calls, strict=True):
-        assert after.q_tokens == before.q_tokens
-        is_image = before.q_tokens == before.kv_tokens == length
-        assert after.kv_tokens == before.kv_tokens - (dropped if is_image else 0), (kind, before, after)
-        reduced += is_image
-    assert reduced, f"{kind}: no call held the video grid"
-    return reduced
+
+    def dropped_keys(_, call) -> int:
+        return dropped if call.q_tokens == call.kv_tokens == length else 0
+
+    return check_key_counts(unpatched, patched, dropped_keys, f"the {kind} video grid")
 
 
 @pytest.fixture(scope="module")
 def models():
     import_comfyui()
-    return {}
+    return LazyModels(build)
 
 
 def model(models, kind):
-    if kind not in models:
-        models[kind] = build(kind)
     return models[kind]
 
 

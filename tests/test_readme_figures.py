@@ -57,15 +57,68 @@ def test_the_1080p_sentence():
     assert re.sub(r"\s+", " ", sentence) in re.sub(r"\s+", " ", README)
 
 
-@pytest.mark.parametrize(("row", "mode"), [("Flux or SD3 at 2048²", "auto"), ("Flux or SD3 at 1024²", "manual")])
-def test_dit_rows(row, mode):
-    from todo_core.dit import DIT_FAMILIES
+def dit_kept_percent(name: str, width: int, height: int, mode: str = "auto", factor: float = 2.0, **member) -> int:
+    """Image keys kept per frame, in percent, for a DiT family as one of its models is built."""
     from todo_core.downsample import output_tokens
+    from todo_core.families import DEFAULT_LATENT_SCALE, DIT_FAMILIES, LATENT_SCALES
 
-    side = 2048 if "2048" in row else 1024
-    for name in ("flux", "sd3"):
-        family = DIT_FAMILIES[name]
-        grid = side // family.pixels_per_token[0]
-        factor = ToDoConfig.create(mode, 2.0).image_token_factor(grid, grid, family.native_tokens)
-        kept = output_tokens(grid, grid, factor, factor) / grid**2
-        assert f"image keys {100 * kept:.0f} %" in table_row(row)
+    latent_format = member.pop("latent_format", "")
+    patch = member.pop("patch", None)
+    scale = LATENT_SCALES.get(latent_format, DEFAULT_LATENT_SCALE)
+    family = DIT_FAMILIES[name].for_model(member, patch, scale, latent_format)
+    rows, cols = -(-height // family.pixels_per_token[0]), -(-width // family.pixels_per_token[1])
+    chosen = ToDoConfig.create(mode, factor).image_token_factor(rows, cols, family.native_tokens)
+    return round(100 * output_tokens(rows, cols, chosen, chosen) / (rows * cols))
+
+
+FLUX2 = {"latent_format": "Flux2", "patch": (1, 1, 1)}
+HUNYUAN_IMAGE = {"latent_format": "HunyuanImage21", "patch": (1, 1, 1)}
+WAN_14B = {"dim": 5120}
+
+
+@pytest.mark.parametrize(
+    ("row", "cases"),
+    [
+        (
+            "Flux.1, Flux.2, Z-Image, Chroma, SD3 or HiDream at 2048²",
+            [
+                ("flux", {}),
+                ("flux", FLUX2),
+                ("lumina2", {"pad_tokens_multiple": 32}),
+                ("chroma", {}),
+                ("sd3", {}),
+                ("hidream", {}),
+            ],
+        ),
+        ("Qwen-Image at 2048²", [("qwen_image", {})]),
+        ("HunyuanImage 2.1 at 2048²", [("hunyuan_video", HUNYUAN_IMAGE)]),
+        ("Wan 2.1 1.3B at 1280×720", [("wan", {})]),
+        ("Wan 2.2 A14B or HunyuanVideo at 1280×720", [("wan", WAN_14B), ("hunyuan_video", {})]),
+    ],
+)
+def test_dit_rows_auto(row, cases):
+    width, height = (1280, 720) if "1280" in row else (2048, 2048)
+    text = table_row(row)
+    for name, member in cases:
+        assert f"{dit_kept_percent(name, width, height, **dict(member))} %" in text, (name, member, text)
+
+
+@pytest.mark.parametrize(
+    ("row", "factors", "cases"),
+    [
+        ("HunyuanImage 2.1 at 2048²", (1.5,), [("hunyuan_video", HUNYUAN_IMAGE)]),
+        ("Wan 2.2 A14B or HunyuanVideo at 1280×720", (1.5, 2.0), [("wan", WAN_14B), ("hunyuan_video", {})]),
+    ],
+)
+def test_dit_rows_manual(row, factors, cases):
+    width, height = (1280, 720) if "1280" in row else (2048, 2048)
+    text = table_row(row)
+    for name, member in cases:
+        kept = [dit_kept_percent(name, width, height, "manual", f, **dict(member)) for f in factors]
+        written = f"{kept[0]} %" if len(kept) == 1 else f"{kept[0]}–{kept[1]} %"
+        assert written in text, (name, member, written, text)
+
+
+def test_any_dit_at_its_native_size_with_factor_two():
+    text = table_row("any DiT at its native size, when speed matters more than fidelity")
+    assert f"image keys {dit_kept_percent('flux', 1024, 1024, 'manual', 2.0)} %" in text

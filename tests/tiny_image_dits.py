@@ -467,7 +467,7 @@ class TinyDiT:
     """Its ``comfy.model_base`` class."""
     unet_config: dict
     conditioning: Callable
-    """``conditioning(patcher, seed, text_tokens=TEXT_TOKENS, batch=1, latent_shape=None, **extras)`` →
+    """``conditioning(patcher, seed, text_tokens=TEXT_TOKENS, batch=1, latent_shape=None, **extras)`` ->
     ``(positive, negative)`` ComfyUI conditioning."""
     patch: tuple[int, int]
     """Latent cells per token along (h, w)."""
@@ -619,7 +619,7 @@ TINY_IMAGE_DITS: dict[str, TinyDiT] = {
         perturbations=("text", "pooled", "noise"),
     ),
 }
-"""Short family name → :class:`TinyDiT`. ``pixels_per_cell`` of Stable Cascade C is its default compression
+"""Short family name -> :class:`TinyDiT`. ``pixels_per_cell`` of Stable Cascade C is its default compression
 (42: a 1024² image is a 24x24 prior latent). PixArt and HunyuanDiT call ``optimized_attention`` without
 ``transformer_options`` (``pixart/blocks.py``, ``hydit/attn_layers.py``): nothing of theirs reaches the override.
 Stable Cascade C passes it down to every attention (``cascade/common.py``): its calls do reach it."""
@@ -813,7 +813,7 @@ def _perturbed(conditioning, what: str, generator) -> tuple[Conditioning, Condit
 
 
 def segments(labels: list[str]) -> list[tuple[str, int]]:
-    """Run-length encoding: ``["t", "t", "i"]`` → ``[("t", 2), ("i", 1)]``."""
+    """Run-length encoding: ``["t", "t", "i"]`` -> ``[("t", 2), ("i", 1)]``."""
     out: list[tuple[str, int]] = []
     for label in labels:
         if out and out[-1][0] == label:

@@ -436,9 +436,9 @@ DIT_FAMILIES: dict[str, DiTFamily] = {
 
 STEPS_ASIDE: dict[str, tuple[str, str]] = {
     "comfy.ldm.pixart.pixartms.PixArtMS": (
-        "PixArt α / Σ",
+        "PixArt alpha / sigma",
         "its attention does not pass transformer_options, so ComfyUI's attention override never reaches it "
-        "(PixArt-Σ has its own key/value compression)",
+        "(PixArt-Sigma has its own key/value compression)",
     ),
     "comfy.ldm.hydit.models.HunYuanDiT": (
         "HunyuanDiT",

@@ -1,13 +1,24 @@
 """Benchmark ToDo against exact attention and its peers: speed, memory and fidelity, side by side in one run.
 
-    python -m todo_core.bench                    # quick: 1024² layers, one 512² model step (~20 min, 2 loaded cores)
-    python -m todo_core.bench --preset full      # 1024² to 2048², every depth, both CPU backends (hours)
+    python -m todo_core.bench                      # attention + comfyui levels, quick preset (~20 min, 2 loaded cores)
+    python -m todo_core.bench --levels dit-attention,dit-model      # the DiT levels (about 1 h, 2 quiet cores)
+    python -m todo_core.bench --levels all --preset full            # every level, larger sizes (hours)
 
-Writes results.json, results.md and results.png to a new folder, bench-results/runs/<date-time>/ (git-ignored),
-and prints the tables. The committed bench-results/ and the README's tables change only when asked:
---update-readme (which then writes to bench-results/ unless --out-dir says otherwise) or --out-dir bench-results.
-Attention level needs torch and scikit-image (photographs); the model level needs
-a ComfyUI checkout (COMFYUI_PATH or ~/comfy/ComfyUI) and is skipped without one.
+Levels (``--levels``, comma- or space-separated; default ``attention,comfyui``):
+
+- ``attention``: one UNet self-attention layer (torch only): ToDo, ToMe, HyperTile and exact attention.
+- ``dit-attention``: one DiT attention layer in each sequence layout (text first, image first, padded to 32,
+  registers, video): ToDo with and without mass correction, fidelity and kernel time (torch only).
+- ``comfyui`` (formerly ``model``): one sampler step through ComfyUI on full-size SD1.5/SDXL UNets.
+- ``dit-model``: one sampler step through ComfyUI on full-width, few-block DiTs (Flux, SD3, Z-Image, Flux.2,
+  Wan), unpatched, with ToDo, and at ToDo's zero-cost ceiling.
+
+Writes to a new folder, bench-results/runs/<date-time>/ (git-ignored): results.json, results.md and results.png
+of the UNet levels, and dit-attention/ and dit-model/ beside them for the DiT levels; prints the tables. The
+committed bench-results/ and the README's tables change only when asked: --update-readme (which then writes to
+bench-results/ unless --out-dir says otherwise) or --out-dir bench-results. The attention levels need torch and
+scikit-image (photographs); the comfyui and dit-model levels need a ComfyUI checkout (COMFYUI_PATH or
+~/comfy/ComfyUI) and are skipped without one.
 """
 
 from __future__ import annotations
@@ -17,18 +28,21 @@ import datetime
 import json
 import os
 import platform
-import subprocess
 import sys
-import tempfile
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..downsample import DownsampleMethod
+from . import dit_attention, dit_model
 from .attention_level import AttentionConfig, count_fidelity_steps, count_timing_steps, fidelity_rows, timing_rows
+from .children import run_child
 from .comfyui_path import ENABLE_HINT, PACK_ROOT, find_comfyui
+from .dit_attention import DiTAttentionConfig
+from .dit_model import DiTRun, parse_dit_run
 from .peers import load_peers
 from .report import markdown, plot, read_json, update_readme, write_json
 
@@ -50,8 +64,27 @@ class ModelRun:
     settings: tuple[str, ...]
 
 
+LEVELS = ("attention", "dit-attention", "comfyui", "dit-model")
+"""Every level, in the order a run measures them: the torch-only levels first, then those through ComfyUI."""
+DEFAULT_LEVELS = ("attention", "comfyui")
+LEVEL_NAMES = {"model": "comfyui"}
+"""Former names ``--levels`` still accepts (``all`` names every level)."""
+README_SECTIONS = {"dit-attention": "bench-dit", "dit-model": "bench-dit-model"}
+"""The README section each DiT level writes with --update-readme (the UNet levels: --readme-section)."""
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Sizes and settings of every level."""
+
+    attention: AttentionConfig
+    comfyui: tuple[ModelRun, ...]
+    dit_attention: DiTAttentionConfig
+    dit_model: tuple[DiTRun, ...]
+
+
 PRESETS = {
-    "quick": (
+    "quick": Preset(
         AttentionConfig(
             resolutions=(1024,),
             query_sample=1024,
@@ -60,8 +93,10 @@ PRESETS = {
             repeats=2,
         ),
         (ModelRun("sd15", "512x512", "pytorch", ("unpatched", "todo-2", "tome-0.5", "hypertile-256")),),
+        DiTAttentionConfig(),
+        dit_model.RUNS["quick"],
     ),
-    "full": (
+    "full": Preset(
         AttentionConfig(
             resolutions=(1024, 1536, 2048),
             query_sample=2048,
@@ -76,8 +111,10 @@ PRESETS = {
             ModelRun("sd15", "2048x2048", "pytorch", ("unpatched", "todo-auto", "todo-4-2")),
             ModelRun("sdxl", "2048x2048", "pytorch", ("unpatched", "todo-auto")),
         ),
+        DiTAttentionConfig(),
+        dit_model.RUNS["full"],
     ),
-    "tiny": (  # for tests: seconds, not minutes
+    "tiny": Preset(  # for tests: seconds, not minutes
         AttentionConfig(
             models=("sd15",),
             resolutions=(256,),
@@ -91,8 +128,34 @@ PRESETS = {
             tome_ratios=(0.5,),
         ),
         (ModelRun("sd15", "64x64", "pytorch", ("unpatched", "todo-2")),),
+        DiTAttentionConfig(
+            fidelity_grids=((11, 13),),
+            other_layout_fidelity_grids=((11, 13),),
+            video_grids=((6, 8),),
+            factors=(2,),
+            timing_grids=((12, 12),),
+            other_layout_timing_grids=((12, 12),),
+            timing_factors=(2,),
+            photos=("astronaut",),
+            repeats=1,
+        ),
+        dit_model.RUNS["tiny"],
     ),
 }
+
+
+def parse_levels(values: Iterable[str]) -> tuple[str, ...]:
+    """``--levels`` as given (comma- or space-separated, former names allowed) -> the levels, in run order."""
+    names: set[str] = set()
+    for value in values:
+        for part in value.split(","):
+            name = LEVEL_NAMES.get(part.strip(), part.strip())
+            names.update(LEVELS if name == "all" else [name] if name else [])
+    unknown = sorted(names - set(LEVELS))
+    if unknown or not names:
+        raise ValueError(f"unknown level(s) {', '.join(unknown) or '(none given)'}: choose from {', '.join(LEVELS)}, "
+                         "or all")  # fmt: skip
+    return tuple(level for level in LEVELS if level in names)
 
 
 def parse_model_run(text: str) -> ModelRun:
@@ -142,17 +205,22 @@ def run_attention_level(config: AttentionConfig, device: torch.device, dtype: to
     )
 
 
-def _with_progress(rows, total: int, label: str) -> list[dict]:
-    """Collect rows, advancing the bar each time a new layer (model, depth, resolution) starts or ends."""
+def _unet_layer(row: dict) -> str:
+    return f"{row['model']} d{row['depth']} {row['resolution']}²"
+
+
+def _with_progress(rows: Iterable[dict], total: int, label: str, unit: Callable[[dict], str] = _unet_layer):
+    """Collect rows, advancing the bar each time a new unit (by default a layer: model, depth, resolution)
+    starts or ends."""
     progress, collected, current = Progress(total, label), [], None
     for row in rows:
-        layer = (row["model"], row["depth"], row["resolution"])
-        if current is not None and layer != current:
-            progress.step(f"{current[0]} d{current[1]} {current[2]}²")
-        current = layer
+        name = unit(row)
+        if current is not None and name != current:
+            progress.step(current)
+        current = name
         collected.append(row)
     if current is not None:
-        progress.step(f"{current[0]} d{current[1]} {current[2]}²")
+        progress.step(current)
     progress.close()
     return collected
 
@@ -161,86 +229,150 @@ def run_model_level(runs: tuple[ModelRun, ...], comfyui: Path, repeats: int, pee
     rows: list[dict] = []
     progress = Progress(sum(len(r.settings) for r in runs), "model level")
     for run in runs:
-        with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp) / "rows.json"
-            command = [sys.executable, str(MODEL_RUNNER), "--comfyui", str(comfyui), "--attention", run.attention,
-                       "--model", run.model, "--size", run.size, "--repeats", str(repeats),
-                       "--settings", *run.settings, "--out", str(out),
-                       *(arg for peer in peers for arg in ("--peer", str(peer)))]  # fmt: skip
-            with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                                  env={**os.environ, **MMAP_ENV}) as child:  # fmt: skip
-                for line in child.stdout:
-                    if line.startswith("{"):
-                        row = json.loads(line)
-                        progress.step(f"{run.model} {run.size} {run.attention} {row['setting']}")
-            if child.returncode != 0:
-                raise SystemExit(f"the model-level run {run} failed (exit {child.returncode}): {' '.join(command)}")
-            rows += json.loads(out.read_text())
+        command = [sys.executable, str(MODEL_RUNNER), "--comfyui", str(comfyui), "--attention", run.attention,
+                   "--model", run.model, "--size", run.size, "--repeats", str(repeats), "--settings", *run.settings,
+                   *(arg for peer in peers for arg in ("--peer", str(peer)))]  # fmt: skip
+        status, written = run_child(
+            command,
+            MMAP_ENV,
+            lambda row, run=run: progress.step(f"{run.model} {run.size} {run.attention} {row['setting']}"),
+        )
+        if status != 0:
+            raise SystemExit(f"the model-level run {run} failed (exit {status}): {' '.join(command)}")
+        rows += written
     progress.close()
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m todo_core.bench", description=__doc__.split("\n\n")[0])
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m todo_core.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--preset", choices=sorted(PRESETS), default="quick", help="sizes and settings (default quick)")
-    parser.add_argument("--levels", nargs="+", choices=["attention", "model"], default=["attention", "model"])
+    parser.add_argument(
+        "--levels",
+        nargs="+",
+        default=list(DEFAULT_LEVELS),
+        metavar="LEVEL",
+        help=f"which levels to run, comma- or space-separated: {', '.join(LEVELS)}, or all "
+        f"(default {','.join(DEFAULT_LEVELS)}; model is the comfyui level's former name)",
+    )
     parser.add_argument(
         "--out-dir",
         type=Path,
         default=None,
         help="where results go (default: a new folder bench-results/runs/<date-time>/, git-ignored; "
-        "with --update-readme: the committed bench-results/)",
+        "with --update-readme: the committed bench-results/); the DiT levels write to dit-attention/ and "
+        "dit-model/ inside it",
     )
     parser.add_argument("--comfyui", type=Path, default=None, help="ComfyUI checkout (default: found automatically)")
-    parser.add_argument("--repeats", type=int, default=1, help="model-level runs per setting (median)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="comfyui and dit-model levels: runs per setting, median (default: 1; dit-model: 2 up to 1024², 1 above)",
+    )
     parser.add_argument(
         "--peer",
         type=Path,
         action="append",
         default=[],
-        help="another node pack to load at model level (the official comfy-todo for its settings)",
+        help="comfyui level: another node pack to load (the official comfy-todo for its settings)",
     )
     parser.add_argument(
         "--model-runs",
         nargs="+",
         default=None,
         metavar="MODEL:SIZE:ATTENTION:SETTING,...",
-        help="model-level runs instead of the preset's, e.g. sd15:1024x1024:sub-quad:unpatched,todo-2",
+        help="comfyui-level runs instead of the preset's, e.g. sd15:1024x1024:sub-quad:unpatched,todo-2",
     )
+    parser.add_argument(
+        "--dit-runs",
+        nargs="+",
+        default=None,
+        metavar="MODEL:SIZE[,SIZE]:SETTING,...",
+        help="dit-model runs instead of the preset's, e.g. flux2:2048x2048:unpatched,todo-2,ceiling-2 or "
+        f"wan:1664x960x3 (latent frames); models: {', '.join(dit_model.MODELS)}",
+    )
+    parser.add_argument("--note", action="append", default=[], help="dit-model level: a note to add to its results")
     parser.add_argument(
         "--update-readme",
         action="store_true",
-        help="replace the README's generated section (and, without --out-dir, the committed bench-results/)",
+        help="replace the README's generated sections of the levels run (and, without --out-dir, the committed "
+        "bench-results/)",
     )
-    parser.add_argument("--readme-section", default="bench", help="which generated README section (default bench)")
+    parser.add_argument(
+        "--readme-section",
+        default="bench",
+        help="the README section of the attention and comfyui levels (default bench; the DiT levels write "
+        + " and ".join(README_SECTIONS.values())
+        + ")",
+    )
+    parser.add_argument(
+        "--dit-model-section",
+        default=README_SECTIONS["dit-model"],
+        help="the README section the dit-model level writes (default %(default)s; a run of other models keeps "
+        "its own section, e.g. bench-dit-families)",
+    )
     parser.add_argument(
         "--from-results",
         type=Path,
         default=None,
         metavar="JSON",
-        help="write tables, plot and README section from an earlier results.json; run nothing",
+        help="write tables, plot and README section from an earlier results.json of any level; run nothing",
     )
     args = parser.parse_args(argv)
+    try:
+        args.levels = parse_levels(args.levels)
+    except ValueError as error:
+        parser.error(f"--levels: {error}")
+    args.dit_runs = tuple(parse_dit_run(text) for text in args.dit_runs) if args.dit_runs else None
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     args.out_dir = args.out_dir or default_out_dir(args.update_readme)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     print(f"results go to {args.out_dir}", file=sys.stderr)
     if args.from_results:
-        meta, rows = read_json(args.from_results)
-        publish(meta, rows, args.out_dir, args.update_readme and args.readme_section)
-        return 0
+        return from_results(args)
+    command = "python -m todo_core.bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    preset = PRESETS[args.preset]
+    ok = True
+    if {"attention", "comfyui"} & set(args.levels):
+        run_unet_levels(args, preset, command)
+    if "dit-attention" in args.levels:
+        run_dit_attention_level(args, preset.dit_attention, command)
+    if "dit-model" in args.levels:
+        ok = run_dit_model_level(args, args.dit_runs or preset.dit_model, command)
+    return 0 if ok else 1
 
-    started = time.perf_counter()
-    config, runs = PRESETS[args.preset]
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
-    meta = {
+
+def base_meta(command: str) -> dict:
+    """What every results file records of the run: when, where, with what, how busy the machine was."""
+    return {
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores".replace("  ", " "),
-        "torch": torch.__version__, "device": device.type, "dtype": str(dtype).replace("torch.", ""),
-        "preset": args.preset, "photos": len(config.photos), "command": "python -m todo_core.bench "
-        + " ".join(argv if argv is not None else sys.argv[1:]),
+        "torch": torch.__version__,
+        "command": command,
         "load_average_start": _load_average(),
-    }  # fmt: skip
+    }
+
+
+def _finish(meta: dict, started: float) -> None:
+    meta["load_average_end"] = _load_average()
+    meta["runtime_s"] = round(time.perf_counter() - started)
+
+
+def run_unet_levels(args: argparse.Namespace, preset: Preset, command: str) -> None:
+    """The attention and comfyui levels: results.json, results.md and results.png in the results folder."""
+    started = time.perf_counter()
+    config, runs = preset.attention, preset.comfyui
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    meta = {**base_meta(command), "device": device.type, "dtype": str(dtype).replace("torch.", ""),
+            "preset": args.preset, "photos": len(config.photos)}  # fmt: skip
     if device.type == "cuda":
         meta["gpu"] = torch.cuda.get_device_name(device)
     rows: list[dict] = []
@@ -248,21 +380,106 @@ def main(argv: list[str] | None = None) -> int:
         peers = load_peers(args.comfyui)
         meta["peers"] = peers.source
         rows += run_attention_level(config, device, dtype, peers)
-    if "model" in args.levels:
+    if "comfyui" in args.levels:
         comfyui = args.comfyui or find_comfyui()
         if comfyui is None:
-            print(f"model level skipped: ComfyUI not found ({ENABLE_HINT})", file=sys.stderr)
+            print(f"comfyui level skipped: ComfyUI not found ({ENABLE_HINT})", file=sys.stderr)
         else:
             meta["comfyui"] = str(comfyui)
             if args.model_runs:
                 runs = tuple(parse_model_run(text) for text in args.model_runs)
-            rows += run_model_level(runs, comfyui, args.repeats, args.peer)
-
-    meta["load_average_end"] = _load_average()
-    meta["runtime_s"] = round(time.perf_counter() - started)
+            rows += run_model_level(runs, comfyui, args.repeats or 1, args.peer)
+    _finish(meta, started)
     write_json(args.out_dir / "results.json", meta, rows)
     publish(meta, rows, args.out_dir, args.update_readme and args.readme_section)
+
+
+def run_dit_attention_level(args: argparse.Namespace, config: DiTAttentionConfig, command: str) -> None:
+    """One DiT attention layer in every layout (torch, CPU, float32): dit-attention/ in the results folder."""
+    started = time.perf_counter()
+    meta = {**base_meta(command), "device": f"cpu ({torch.get_num_threads()} threads)", "dtype": "float32",
+            "preset": args.preset, "photos": len(config.photos)}  # fmt: skip
+    torch.manual_seed(0)
+    fidelity_steps, timing_steps = dit_attention.count_steps(config)
+    fidelity = dit_attention.summarise_fidelity(
+        _with_progress(dit_attention.fidelity_rows(config), fidelity_steps, "DiT attention fidelity", _dit_unit)
+    )
+    timing = _with_progress(dit_attention.timing_rows(config), timing_steps, "DiT attention timing", _dit_grid)
+    _finish(meta, started)
+    write_dit_attention(args.out_dir / "dit-attention", meta, fidelity, timing, args.update_readme)
+
+
+def _dit_grid(row: dict) -> str:
+    return f"{row['layout']} {row['grid']}"
+
+
+def _dit_unit(row: dict) -> str:
+    return f"{_dit_grid(row)} {row['photo']}"
+
+
+def write_dit_attention(out: Path, meta: dict, fidelity: list[dict], timing: list[dict], readme: bool) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"meta": meta, "fidelity": fidelity, "timing": timing}, indent=1))
+    section = dit_attention.markdown(meta, fidelity, timing)
+    (out / "results.md").write_text(section)
+    print(section)
+    if readme:
+        _update_readme(section, README_SECTIONS["dit-attention"])
+
+
+def run_dit_model_level(args: argparse.Namespace, runs: tuple[DiTRun, ...], command: str) -> bool:
+    """Full-width, few-block DiTs through ComfyUI, one child process per model: dit-model/ in the results folder.
+
+    False when a model's run failed (what it measured before is kept, and the other models still run)."""
+    comfyui = args.comfyui or find_comfyui()
+    if comfyui is None:
+        print(f"dit-model level skipped: ComfyUI not found ({ENABLE_HINT})", file=sys.stderr)
+        return True
+    started = time.perf_counter()
+    out = args.out_dir / "dit-model"
+    meta = {**base_meta(command), "comfyui": str(comfyui), "preset": args.preset}
+    progress = Progress(sum(len(run.sizes) * len(run.settings) for run in runs), "DiT model level")
+
+    def save(rows: list[dict], checks: dict, child_meta: dict, final: bool = False) -> str:
+        meta.update(child_meta)
+        meta["notes"] = dit_model.notes(rows, args.note)
+        _finish(meta, started)
+        return dit_model.write(out, meta, rows, checks, final)
+
+    rows, checks, child_meta = dit_model.run_level(
+        runs, comfyui, args.repeats, args.preset == "tiny", MMAP_ENV, progress.step, save
+    )
+    progress.close()
+    if not rows:
+        print("dit-model level: no model ran", file=sys.stderr)
+        return False
+    section = save(rows, checks, child_meta, final=True)
+    print((out / "results.md").read_text())
+    if args.update_readme:
+        _update_readme(section, args.dit_model_section)
+    return not any(name.endswith(": run failed") for name in checks)
+
+
+def from_results(args: argparse.Namespace) -> int:
+    """Tables, plot and README section of the level an earlier results.json holds; nothing is run."""
+    data = json.loads(args.from_results.read_text())
+    if "fidelity" in data:  # dit-attention
+        write_dit_attention(args.out_dir / "dit-attention", data["meta"], data["fidelity"], data["timing"],
+                            args.update_readme)  # fmt: skip
+    elif "checks" in data:  # dit-model
+        section = dit_model.regenerate(data, args.out_dir / "dit-model")
+        print((args.out_dir / "dit-model" / "results.md").read_text())
+        if args.update_readme:
+            _update_readme(section, args.dit_model_section)
+    else:
+        meta, rows = read_json(args.from_results)
+        publish(meta, rows, args.out_dir, args.update_readme and args.readme_section)
     return 0
+
+
+def _update_readme(section: str, name: str) -> None:
+    if not update_readme(README, section, name):
+        print(f"README.md has no {name} markers; not updated", file=sys.stderr)
 
 
 def _load_average() -> float | None:
@@ -296,8 +513,7 @@ def publish(meta: dict, rows: list[dict], out_dir: Path, readme_section: str | N
         section_text = markdown(
             meta, rows, f"{relative.as_posix()}/results.png" if plot_written else None, compact=True
         )
-        if not update_readme(README, section_text, readme_section):
-            print(f"README.md has no {readme_section} markers; not updated", file=sys.stderr)
+        _update_readme(section_text, readme_section)
 
 
 def _with_measurable_memory(argv: list[str]) -> None:
