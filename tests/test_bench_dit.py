@@ -113,3 +113,21 @@ def test_dit_model_results_state_the_full_stack_assumption():
     notes = json.loads((COMMITTED / "dit-model" / "results.json").read_text())["meta"]["notes"]
     assert any(note.startswith("Few-block models") and "assumes" in note for note in notes)
     assert "assumes" in (COMMITTED / "dit-model" / "results.md").read_text(encoding="utf-8")
+
+
+def test_readme_quotes_the_committed_errors_of_the_other_layouts():
+    data = json.loads((COMMITTED / "dit-attention-layouts" / "results.json").read_text())
+
+    def error(layout: str, grid: str, factor: int, corrected: bool) -> str:
+        rows = [r for r in data["fidelity"] if (r["layout"], r["grid"], r["factor"], r["mass_correction"],
+                r["temporal_factor"]) == (layout, grid, factor, corrected, 1)]  # fmt: skip
+        assert len(rows) == 1
+        return f"{100 * rows[0]['error_mean']:.1f} %"
+
+    plain = [error(layout, "95x97", 2, False) for layout in ("image-first", "padded-32", "registers")]
+    corrected = [error(layout, "95x97", 2, True) for layout in ("image-first", "padded-32", "registers")]
+    text = _readme()
+    assert f"from {plain[0]}, {plain[1]} and {plain[2]} to {corrected[0]}, {corrected[1]} and {corrected[2]}" in text
+    assert error("video", "30x52", 2, False) == error("video", "30x52", 2, True)
+    assert f"{error('video', '30x52', 2, True)} either way at factor 2" in text
+    assert f"{error('video', '30x52', 4, True)} against {error('video', '30x52', 4, False)} without it" in text
