@@ -124,10 +124,6 @@ def models():
     return LazyModels(build)
 
 
-def model(models, kind):
-    return models[kind]
-
-
 def todo_sample(node, base, kind: str, height: int, width: int, inputs: dict, **kwargs):
     """ToDo applied on a probed clone of ``base`` (the probe is registered first, so ToDo calls it with the keys it
     kept), then sampled: ``(output, probe)``."""
@@ -143,11 +139,11 @@ def todo_warnings(caplog) -> list[str]:
 def test_factor_one_and_auto_at_the_native_size_are_bit_identical(node, models, kind, caplog):
     tiny = TINY_IMAGE_DITS[kind]
     cells = 8 * tiny.patch[0]  # an 8 x 8 token grid
-    expected = sample(model(models, kind), kind, cells, cells, steps=2)
+    expected = sample(models[kind], kind, cells, cells, steps=2)
     native = cells * tiny.pixels_per_cell
     with caplog.at_level(logging.WARNING, logger="comfyui_todo"):
         for inputs in (OFF, {"mode": "auto", "native_resolution": native}):
-            patched = apply_node(node, model(models, kind), **inputs)
+            patched = apply_node(node, models[kind], **inputs)
             assert torch.equal(sample(patched, kind, cells, cells, steps=2), expected), inputs
     assert not todo_warnings(caplog)
 
@@ -157,17 +153,17 @@ def test_auto_keeps_the_native_count_at_twice_the_side(node, models, kind):
     tiny = TINY_IMAGE_DITS[kind]
     cells = 8 * tiny.patch[0]
     auto = {"mode": "auto", "native_resolution": cells * tiny.pixels_per_cell}
-    _, unpatched = probed_sample(model(models, kind), kind, 2 * cells, 2 * cells)
-    _, probe = todo_sample(node, model(models, kind), kind, 2 * cells, 2 * cells, auto)
+    _, unpatched = probed_sample(models[kind], kind, 2 * cells, 2 * cells)
+    _, probe = todo_sample(node, models[kind], kind, 2 * cells, 2 * cells, auto)
     check_reduction(kind, unpatched, probe, 2 * cells, 2 * cells)  # 16 x 16 tokens -> 8 x 8: the native 64
 
 
 @pytest.mark.parametrize("kind", ACTING)
 def test_factor_two_at_an_odd_size_reduces_image_keys_only(node, models, kind, caplog):
     height, width = odd_size(kind)
-    plain, unpatched = probed_sample(model(models, kind), kind, height, width)
+    plain, unpatched = probed_sample(models[kind], kind, height, width)
     with caplog.at_level(logging.WARNING, logger="comfyui_todo"):
-        out, probe = todo_sample(node, model(models, kind), kind, height, width, MANUAL_2)
+        out, probe = todo_sample(node, models[kind], kind, height, width, MANUAL_2)
     check_reduction(kind, unpatched, probe, height, width)
     assert out.shape == plain.shape and torch.isfinite(out).all() and not torch.equal(out, plain)
     assert not todo_warnings(caplog), "every call was placed or knowingly passed"
@@ -176,8 +172,8 @@ def test_factor_two_at_an_odd_size_reduces_image_keys_only(node, models, kind, c
 @pytest.mark.parametrize("kind", ACTING)
 def test_batch_two_with_cfg(node, models, kind):
     height, width = odd_size(kind)
-    _, unpatched = probed_sample(model(models, kind), kind, height, width, batch=2, cfg=2.0)
-    _, probe = todo_sample(node, model(models, kind), kind, height, width, MANUAL_2, batch=2, cfg=2.0)
+    _, unpatched = probed_sample(models[kind], kind, height, width, batch=2, cfg=2.0)
+    _, probe = todo_sample(node, models[kind], kind, height, width, MANUAL_2, batch=2, cfg=2.0)
     assert {c.batch for c in probe.calls} == {4}  # cond and uncond of two images in one call
     check_reduction(kind, unpatched, probe, height, width)
 
@@ -194,8 +190,8 @@ def test_batch_two_with_cfg(node, models, kind):
 )
 def test_reference_images_and_editing_inputs(node, models, kind, extras):
     height, width = odd_size(kind)
-    _, unpatched = probed_sample(model(models, kind), kind, height, width, **extras)
-    _, probe = todo_sample(node, model(models, kind), kind, height, width, MANUAL_2, **extras)
+    _, unpatched = probed_sample(models[kind], kind, height, width, **extras)
+    _, probe = todo_sample(node, models[kind], kind, height, width, MANUAL_2, **extras)
     check_reduction(kind, unpatched, probe, height, width, **extras)
 
 
@@ -204,8 +200,8 @@ def test_text_lengths_around_the_padding(node, models, kind):
     """Z-Image pads the text to 32, Flux.2 to at least 512: long and short texts place the grid alike."""
     height, width = odd_size(kind)
     for text in (1, 31, 33, 600):
-        _, unpatched = probed_sample(model(models, kind), kind, height, width, text_tokens=text)
-        _, probe = todo_sample(node, model(models, kind), kind, height, width, MANUAL_2, text_tokens=text)
+        _, unpatched = probed_sample(models[kind], kind, height, width, text_tokens=text)
+        _, probe = todo_sample(node, models[kind], kind, height, width, MANUAL_2, text_tokens=text)
         check_reduction(kind, unpatched, probe, height, width, text=text)
 
 
@@ -213,9 +209,9 @@ def test_text_lengths_around_the_padding(node, models, kind):
 def test_families_out_of_reach_step_aside_with_one_warning_saying_why(node, models, kind, caplog):
     tiny = TINY_IMAGE_DITS[kind]
     side = max(tiny.min_cells, 18)
-    expected, unpatched = probed_sample(model(models, kind), kind, side, side)
+    expected, unpatched = probed_sample(models[kind], kind, side, side)
     with caplog.at_level(logging.WARNING, logger="comfyui_todo"):
-        out, probe = todo_sample(node, model(models, kind), kind, side, side, MANUAL_2)
+        out, probe = todo_sample(node, models[kind], kind, side, side, MANUAL_2)
     warnings = todo_warnings(caplog)
     assert len(warnings) == 1 and STEPPING_ASIDE[kind] in warnings[0] and "left unchanged" in warnings[0]
     assert torch.equal(out, expected)

@@ -87,10 +87,6 @@ def models():
     return LazyModels(build)
 
 
-def model(models, kind):
-    return models[kind]
-
-
 def probed(node, base, kind, height, width, frames, inputs=None, **kwargs):
     """``(output, probe)`` of a render, ToDo applied after the probe so that it calls the probe with its keys."""
     clone, probe = with_probe(base)
@@ -109,11 +105,11 @@ def todo_warnings(caplog) -> list[str]:
 @pytest.mark.parametrize("kind", KINDS)
 def test_factor_one_and_auto_at_the_native_size_are_bit_identical(node, models, kind, caplog):
     side = 8  # latent cells: 4 x 4 or 8 x 8 tokens per frame
-    expected = latent(sample(model(models, kind), kind, side, side, 2, steps=2))
+    expected = latent(sample(models[kind], kind, side, side, 2, steps=2))
     native = side * pixels_per_cell(kind)[1]
     with caplog.at_level(logging.WARNING, logger="comfyui_todo"):
         for inputs in (OFF, {"mode": "auto", "native_resolution": native}):
-            out = latent(sample(apply_node(node, model(models, kind), **inputs), kind, side, side, 2, steps=2))
+            out = latent(sample(apply_node(node, models[kind], **inputs), kind, side, side, 2, steps=2))
             assert torch.equal(out, expected), inputs
     assert not todo_warnings(caplog)
 
@@ -121,9 +117,9 @@ def test_factor_one_and_auto_at_the_native_size_are_bit_identical(node, models, 
 @pytest.mark.parametrize("kind", KINDS)
 def test_factor_two_reduces_every_frame_and_keeps_all_other_tokens(node, models, kind, caplog):
     height, width = odd_size(kind)
-    plain, unpatched = probed(node, model(models, kind), kind, height, width, FRAMES)
+    plain, unpatched = probed(node, models[kind], kind, height, width, FRAMES)
     with caplog.at_level(logging.WARNING, logger="comfyui_todo"):
-        out, probe = probed(node, model(models, kind), kind, height, width, FRAMES, MANUAL_2)
+        out, probe = probed(node, models[kind], kind, height, width, FRAMES, MANUAL_2)
     check_reduction(kind, unpatched, probe, height, width, FRAMES)
     plain, out = latent(plain), latent(out)
     assert out.shape == plain.shape and torch.isfinite(out).all() and not torch.equal(out, plain)
@@ -133,8 +129,8 @@ def test_factor_two_reduces_every_frame_and_keeps_all_other_tokens(node, models,
 @pytest.mark.parametrize("kind", KINDS)
 def test_batch_two_with_cfg(node, models, kind):
     height, width = odd_size(kind)
-    _, unpatched = probed(node, model(models, kind), kind, height, width, 2, batch=2, cfg=2.0)
-    _, probe = probed(node, model(models, kind), kind, height, width, 2, MANUAL_2, batch=2, cfg=2.0)
+    _, unpatched = probed(node, models[kind], kind, height, width, 2, batch=2, cfg=2.0)
+    _, probe = probed(node, models[kind], kind, height, width, 2, MANUAL_2, batch=2, cfg=2.0)
     check_reduction(kind, unpatched, probe, height, width, 2)
 
 
@@ -153,8 +149,8 @@ def test_batch_two_with_cfg(node, models, kind):
 )
 def test_reference_guide_and_extra_tokens(node, models, kind, extras):
     height, width = (6, 10) if extras.get("reference_latent") else odd_size(kind)
-    _, unpatched = probed(node, model(models, kind), kind, height, width, FRAMES, **extras)
-    _, probe = probed(node, model(models, kind), kind, height, width, FRAMES, MANUAL_2, **extras)
+    _, unpatched = probed(node, models[kind], kind, height, width, FRAMES, **extras)
+    _, probe = probed(node, models[kind], kind, height, width, FRAMES, MANUAL_2, **extras)
     check_reduction(kind, unpatched, probe, height, width, FRAMES, **extras)
 
 
@@ -162,9 +158,9 @@ def test_reference_guide_and_extra_tokens(node, models, kind, extras):
 def test_temporal_factor_reduces_frames_too(node, models, kind):
     height, width = odd_size(kind)
     frames = 5
-    _, unpatched = probed(node, model(models, kind), kind, height, width, frames)
+    _, unpatched = probed(node, models[kind], kind, height, width, frames)
     inputs = {**MANUAL_2, "temporal_factor": 2.0}
-    _, probe = probed(node, model(models, kind), kind, height, width, frames, inputs)
+    _, probe = probed(node, models[kind], kind, height, width, frames, inputs)
     check_reduction(kind, unpatched, probe, height, width, frames, temporal=2)
 
 
@@ -174,8 +170,8 @@ def test_ltx2_audio_and_audio_video_attention_are_untouched(node, models):
     frames = 2
     video = frames * height * width
     assert ltxav_audio_latents(frames) != video  # the default audio length differs: make it equal
-    _, unpatched = probed(node, model(models, kind), kind, height, width, frames, audio_latents=video)
-    _, probe = probed(node, model(models, kind), kind, height, width, frames, MANUAL_2, audio_latents=video)
+    _, unpatched = probed(node, models[kind], kind, height, width, frames, audio_latents=video)
+    _, probe = probed(node, models[kind], kind, height, width, frames, MANUAL_2, audio_latents=video)
     pairs = [(b.q_tokens, b.kv_tokens, a.kv_tokens) for b, a in zip(unpatched.calls, probe.calls, strict=True)]
     video_self = [p for p in pairs if p[0] == p[1] == video]
     # Per layer: video self (reduced), audio self (as long as the video, kept), and the four cross calls kept.
