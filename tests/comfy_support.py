@@ -247,6 +247,8 @@ class Probe:
     text context's token count as ``kv_tokens``.
     """
 
+    passes_attention_masks = True  # it hands every mask to the backend: ToDo's correction stays a mask
+
     calls: list[AttentionCall] = field(default_factory=list)
     compute: bool = True
     """False skips the attention itself (zeros out): token counting at sizes too big to compute on a CPU."""

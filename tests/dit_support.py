@@ -240,6 +240,8 @@ class DiTProbe:
     ToDo keeps it as its inner override and calls it with the keys it kept.
     """
 
+    passes_attention_masks = True  # it hands every mask to the backend: ToDo's correction stays a mask
+
     calls: list[DiTCall] = field(default_factory=list)
 
     def __deepcopy__(self, memo):

@@ -43,6 +43,7 @@ from .families import (
     token_grid,
 )
 from .patch import in_sigma_window, warn_once
+from .routes import MASKLESS_BACKENDS, PASSES_MASKS_ATTRIBUTE, Route, attend_folded, attend_lse_merged, choose_route
 
 __all__ = [  # the layout names come from families.py; code written against this module keeps working
     "CROSS_ATTENTION_KEY",
@@ -62,6 +63,8 @@ __all__ = [  # the layout names come from families.py; code written against this
 
 LATENT_INFO_KEY = "todo_latent"
 """``transformer_options`` entry in which the node's model wrapper records a :class:`LatentInfo`."""
+APPLIED_KEY = "todo_applied"
+"""``transformer_options`` entry in the calls a ToDo override hands to another override it holds."""
 CROSS_ATTENTION_KEY = "todo_cross_attention"
 """``transformer_options`` entry set in the calls of a family's cross-attention modules (see CrossAttentionFlag)."""
 
@@ -192,6 +195,25 @@ def reduce_keys(
     return k_small, v_small, mask
 
 
+@dataclass(frozen=True)
+class KeyGroups:
+    """The kept keys of one layout split by group size, for the routes that need no mask (``routes.py``)."""
+
+    bias_max: float
+    """The largest ``log(group size)``, on the host."""
+    sets: tuple[tuple[torch.Tensor, float], ...]
+    """Per distinct group size: the positions of its keys among the kept keys, and ``log(group size)``."""
+
+
+@functools.lru_cache(maxsize=256)
+def key_groups(layout: SequenceLayout, factor: float, device: torch.device, temporal_factor: float = 1.0) -> KeyGroups:
+    """Memoised with :func:`select_keys`: computed once per layout on the host, never per call."""
+    log_sizes = select_keys(layout, factor, torch.device("cpu"), torch.float64, temporal_factor).log_group_size
+    distinct = sorted(set(log_sizes.tolist()))
+    sets = tuple((torch.nonzero(log_sizes == value).reshape(-1).to(device), value) for value in distinct)
+    return KeyGroups(max(distinct), sets)
+
+
 _BLOCK_ITEM = re.compile(r"^(?:(double|single)\s*(?::\s*)?)?(?:(\d+)\s*(?:-\s*(\d+))?)?$")
 
 
@@ -255,8 +277,7 @@ class BlockSelection:
 
 AttentionOverride = Callable[..., torch.Tensor]
 
-BACKENDS_WITHOUT_MASKS = frozenset({"attention_sage", "attention_flash"})
-"""ComfyUI attention backends that ignore a mask (SageAttention 2) or fail on one and log it on every call (flash)."""
+BACKENDS_WITHOUT_MASKS = MASKLESS_BACKENDS
 
 
 def sdpa_attention(
@@ -317,6 +338,8 @@ class ToDoAttentionOverride:
 
     def _call(self, attention: AttentionOverride, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.inner is not None:
+            # Marked, so that a ToDo override the inner one may hold itself leaves the call as it is.
+            kwargs["transformer_options"] = {**(kwargs.get("transformer_options") or {}), APPLIED_KEY: True}
             return self.inner(attention, *args, **kwargs)
         return attention(*args, **kwargs)
 
@@ -379,25 +402,73 @@ class ToDoAttentionOverride:
         return self.blocks.contains(options.get("block_type"), block_index)
 
     def __call__(self, attention: AttentionOverride, *args: Any, **kwargs: Any) -> torch.Tensor:
+        options = kwargs.get("transformer_options") or {}
+        if options.get(APPLIED_KEY):
+            return attention(*args, **kwargs)  # ToDo already acted on this call, around another override
         plan = self.plan(args, kwargs)
         if plan is None:
             return self._call(attention, *args, **kwargs)
         layout, factor, temporal_factor = plan
         q, k, v, *rest = args
         # The mask is the fifth positional argument of every ComfyUI backend, or a keyword.
-        mask = rest[1] if len(rest) >= 2 else kwargs.pop("mask", None)
-        sequence_dim = 2 if kwargs.get("skip_reshape", False) else 1
-        k, v, mask = reduce_keys(k, v, mask, layout, factor, sequence_dim, self.mass_correction, temporal_factor)
-        if len(rest) >= 2:
-            rest[1] = mask
-        elif mask is not None:
-            kwargs["mask"] = mask
-        if mask is not None and self.inner is None and getattr(attention, "__name__", "") in BACKENDS_WITHOUT_MASKS:
+        caller_mask = rest[1] if len(rest) >= 2 else kwargs.pop("mask", None)
+        skip_reshape = bool(kwargs.get("skip_reshape", False))
+        sequence_dim = 2 if skip_reshape else 1
+        selection = select_keys(layout, factor, k.device, k.dtype, temporal_factor)
+        correct = self.mass_correction and not selection.uniform
+        heads = rest[0] if rest else kwargs.pop("heads")
+        rest = rest[1:]
+        route = Route.MASK
+        if correct:
+            dim_head = q.shape[-1] if skip_reshape else q.shape[-1] // heads
+            backend = getattr(attention, "__name__", "")
+            foreign = self.inner is not None and not getattr(self.inner, PASSES_MASKS_ATTRIBUTE, False)
+            route = choose_route(backend, foreign, dim_head, q.device.type, caller_mask is not None)
+        masked_correction = correct and route in (Route.MASK, Route.SDPA)
+        k, v, mask = reduce_keys(k, v, caller_mask, layout, factor, sequence_dim, masked_correction, temporal_factor)
+        if route is Route.FOLD:
+            groups = key_groups(layout, factor, k.device, temporal_factor)
+            rest = self._with_mask(rest, kwargs, mask)
+            return attend_folded(
+                functools.partial(self._call, attention),
+                q,
+                k,
+                v,
+                heads,
+                selection.log_group_size,
+                groups.bias_max,
+                tuple(rest),
+                kwargs,
+            )
+        if route in (Route.LSE_MERGE, Route.SDPA):
             warn_once(
                 "mask-backend",
-                f"ToDo: ComfyUI's {attention.__name__} backend cannot apply ToDo's mass-correction mask; "
-                "the joint-attention calls ToDo reduces run on PyTorch SDPA instead.",
-                kwargs.get("transformer_options", {}).get("sample_sigmas"),
+                f"ToDo: the attention backend ({self._backend_label(attention)}) cannot take ToDo's mass correction "
+                f"without a mask at head width {dim_head}; the joint-attention calls ToDo reduces run on PyTorch's "
+                "attention instead.",
+                options.get("sample_sigmas"),
             )
-            attention = sdpa_attention
-        return self._call(attention, q, k, v, *rest, **kwargs)
+        if route is Route.LSE_MERGE:
+            groups = key_groups(layout, factor, k.device, temporal_factor)
+            return attend_lse_merged(
+                q, k, v, heads, groups.sets, skip_reshape, bool(kwargs.get("skip_output_reshape", False))
+            )
+        rest = self._with_mask(rest, kwargs, mask)
+        if route is Route.SDPA:
+            return sdpa_attention(q, k, v, heads, *rest, **kwargs)
+        return self._call(attention, q, k, v, heads, *rest, **kwargs)
+
+    @staticmethod
+    def _with_mask(rest: list[Any], kwargs: dict[str, Any], mask: torch.Tensor | None) -> list[Any]:
+        """The positional arguments after ``heads`` with ``mask`` in its place (positional or keyword)."""
+        if rest:
+            return [mask, *rest[1:]]
+        if mask is not None:
+            kwargs["mask"] = mask
+        return rest
+
+    def _backend_label(self, attention: AttentionOverride) -> str:
+        if self.inner is not None:
+            name = getattr(self.inner, "__qualname__", type(self.inner).__name__)
+            return f"another node's attention override, {name}"
+        return f"ComfyUI's {getattr(attention, '__name__', 'selected backend')}"
