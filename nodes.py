@@ -40,7 +40,7 @@ from .todo_core.families import (
     patch_triple,
     steps_aside,
 )
-from .todo_core.patch import SIGMA_WINDOW_KEY, SigmaWindow, prepare_unet_options
+from .todo_core.patch import SIGMA_WINDOW_KEY, SigmaWindow, prepare_unet_options, warn_once
 
 logger = logging.getLogger("comfyui_todo")
 
@@ -259,8 +259,10 @@ class ToDoModelPatch(io.ComfyNode):
         if config.is_identity:
             return io.NodeOutput(patched)
 
+        override = None
         if family is not None:
-            add_dit_override(patched, ToDoAttentionOverride(config, family, blocks))
+            override = ToDoAttentionOverride(config, family, blocks)
+            add_dit_override(patched, override)
             flag_not_image_attention(patched, family)
             warn_about_unknown_blocks(patched, family, blocks)
         else:
@@ -268,7 +270,7 @@ class ToDoModelPatch(io.ComfyNode):
         patched.add_wrapper_with_key(
             WrappersMP.APPLY_MODEL,
             WRAPPER_KEY,
-            ToDoModelCall(config.start_percent, config.end_percent, family),
+            ToDoModelCall(config.start_percent, config.end_percent, family, override),
         )
         return io.NodeOutput(patched)
 
@@ -375,12 +377,21 @@ class ToDoModelCall:
       does not depend on the order of the nodes.
     - DiTs: the latent grid, the text prefix and the reference tokens (from the family's table entry).
     - UNets: ToDo's attn1 patch last in the chain, blocks whose attn1 another patch replaces.
+    - DiTs: ToDo's attention override back around one that a node applied after ToDo wrote over it (some
+      SageAttention patch nodes write the slot without keeping what was there).
     """
 
-    def __init__(self, start_percent: float, end_percent: float, family: DiTFamily | None) -> None:
+    def __init__(
+        self,
+        start_percent: float,
+        end_percent: float,
+        family: DiTFamily | None,
+        override: ToDoAttentionOverride | None = None,
+    ) -> None:
         self.start_percent = start_percent
         self.end_percent = end_percent
         self.family = family
+        self.override = override
 
     def __repr__(self) -> str:
         family = self.family.name if self.family else "unet"
@@ -396,10 +407,27 @@ class ToDoModelCall:
 
         def prepare(options: dict) -> dict:
             prepared = options if self.family is not None else prepare_unet_options(options)
+            if self.override is not None:
+                prepared = self.keep_override(prepared)
             return {**prepared, **recorded} if recorded else prepared
 
         args, kwargs = _with_transformer_options(args, kwargs, prepare)
         return executor(*args, **kwargs)
+
+    def keep_override(self, options: dict) -> dict:
+        """``options`` with ToDo's override around whatever override a later node wrote over it."""
+        current = options.get(OVERRIDE_KEY)
+        if isinstance(current, ToDoAttentionOverride):
+            return options
+        warn_once(
+            "override-displaced",
+            f"ToDo: a node applied after ToDo set its own attention override "
+            f"({getattr(current, '__qualname__', type(current).__name__)}) in place of ToDo's; ToDo keeps acting "
+            "with that override inside its own (placing ToDo after such nodes does the same without this note).",
+            options.get("sample_sigmas"),
+            logging.INFO,
+        )
+        return {**options, OVERRIDE_KEY: self.override.with_inner(current)}
 
     def latent_info(self, args: tuple, kwargs: dict) -> LatentInfo:
         x = args[LATENT_ARG] if args else kwargs["x"]

@@ -30,7 +30,7 @@ _warned_kinds: dict[str, weakref.ref | None] = {}
 """Per kind of event: the render it was last reported in (a weak reference to its sigmas), or None."""
 
 
-def warn_once(kind: str, message: str, render: torch.Tensor | None = None) -> None:
+def warn_once(kind: str, message: str, render: torch.Tensor | None = None, level: int = logging.WARNING) -> None:
     """Log one warning per kind of event per render: attention runs thousands of times per image.
 
     ``render`` is the ``sample_sigmas`` tensor ComfyUI puts in the transformer
@@ -43,7 +43,7 @@ def warn_once(kind: str, message: str, render: torch.Tensor | None = None) -> No
         if render is None or (last is not None and last() is render):
             return
     _warned_kinds[kind] = None if render is None else weakref.ref(render)
-    logger.warning(message)
+    logger.log(level, message)
 
 
 SIGMA_WINDOW_KEY = "todo_sigma_window"
