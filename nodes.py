@@ -29,7 +29,13 @@ from .todo_core.config import (
     MAX_NATIVE_RESOLUTION,
     MIN_FACTOR,
 )
-from .todo_core.dit import LATENT_INFO_KEY, BlockSelection, CrossAttentionFlag, ToDoAttentionOverride
+from .todo_core.dit import (
+    HOLDS_TODO_ATTRIBUTE,
+    LATENT_INFO_KEY,
+    BlockSelection,
+    CrossAttentionFlag,
+    ToDoAttentionOverride,
+)
 from .todo_core.families import (
     DEFAULT_LATENT_SCALE,
     DIT_FAMILIES,
@@ -417,7 +423,7 @@ class ToDoModelCall:
     def keep_override(self, options: dict) -> dict:
         """``options`` with ToDo's override around whatever override a later node wrote over it."""
         current = options.get(OVERRIDE_KEY)
-        if isinstance(current, ToDoAttentionOverride):
+        if isinstance(current, ToDoAttentionOverride) or getattr(current, HOLDS_TODO_ATTRIBUTE, False):
             return options
         warn_once(
             "override-displaced",

@@ -165,6 +165,8 @@ class ZeroCostKeys:
     still sees every call.
     """
 
+    holds_todo_override = True  # it stands in for ToDo's override: ToDo must not put its own back around it
+
     def __init__(self, todo) -> None:
         self.todo = todo
 

@@ -63,6 +63,9 @@ __all__ = [  # the layout names come from families.py; code written against this
 
 LATENT_INFO_KEY = "todo_latent"
 """``transformer_options`` entry in which the node's model wrapper records a :class:`LatentInfo`."""
+HOLDS_TODO_ATTRIBUTE = "holds_todo_override"
+"""An attention override registered after ToDo's that calls ToDo's itself (it keeps the override it found and
+calls it) says so with this attribute set to True: ToDo then does not put its own back around it."""
 APPLIED_KEY = "todo_applied"
 """``transformer_options`` entry in the calls a ToDo override hands to another override it holds."""
 CROSS_ATTENTION_KEY = "todo_cross_attention"

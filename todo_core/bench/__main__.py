@@ -9,6 +9,8 @@ Levels (``--levels``, comma- or space-separated; default ``attention,comfyui``):
 - ``attention``: one UNet self-attention layer (torch only): ToDo, ToMe, HyperTile and exact attention.
 - ``dit-attention``: one DiT attention layer in each sequence layout (text first, image first, padded to 32,
   registers, video): ToDo with and without mass correction, fidelity and kernel time (torch only).
+- ``routes``: the routes of the DiT mass correction (mask, folded head channel, log-sum-exp merge) on one joint
+  layer: CPU time and error against the float64 oracle (torch only).
 - ``comfyui`` (formerly ``model``): one sampler step through ComfyUI on full-size SD1.5/SDXL UNets.
 - ``dit-model``: one sampler step through ComfyUI on full-width, few-block DiTs (Flux, SD3, Z-Image, Flux.2,
   Wan), unpatched, with ToDo, and at ToDo's zero-cost ceiling.
@@ -37,7 +39,7 @@ from pathlib import Path
 import torch
 
 from ..downsample import DownsampleMethod
-from . import dit_attention, dit_model
+from . import dit_attention, dit_model, routes_level
 from .attention_level import AttentionConfig, count_fidelity_steps, count_timing_steps, fidelity_rows, timing_rows
 from .children import run_child
 from .comfyui_path import ENABLE_HINT, PACK_ROOT, find_comfyui
@@ -64,13 +66,16 @@ class ModelRun:
     settings: tuple[str, ...]
 
 
-LEVELS = ("attention", "dit-attention", "comfyui", "dit-model")
+LEVELS = ("attention", "dit-attention", "routes", "comfyui", "dit-model")
 """Every level, in the order a run measures them: the torch-only levels first, then those through ComfyUI."""
 DEFAULT_LEVELS = ("attention", "comfyui")
 LEVEL_NAMES = {"model": "comfyui"}
 """Former names ``--levels`` still accepts (``all`` names every level)."""
-README_SECTIONS = {"dit-attention": "bench-dit", "dit-model": "bench-dit-model"}
+README_SECTIONS = {"dit-attention": "bench-dit", "routes": "bench-routes", "dit-model": "bench-dit-model"}
 """The README section each DiT level writes with --update-readme (the UNet levels: --readme-section)."""
+
+
+ROUTES_DEFAULT = routes_level.RoutesConfig()
 
 
 @dataclass(frozen=True)
@@ -81,6 +86,7 @@ class Preset:
     comfyui: tuple[ModelRun, ...]
     dit_attention: DiTAttentionConfig
     dit_model: tuple[DiTRun, ...]
+    routes: routes_level.RoutesConfig = ROUTES_DEFAULT
 
 
 PRESETS = {
@@ -140,6 +146,7 @@ PRESETS = {
             repeats=1,
         ),
         dit_model.RUNS["tiny"],
+        routes_level.RoutesConfig(grids=((11, 13),), factors=(2,), repeats=1),
     ),
 }
 
@@ -344,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
         run_unet_levels(args, preset, command)
     if "dit-attention" in args.levels:
         run_dit_attention_level(args, preset.dit_attention, command)
+    if "routes" in args.levels:
+        run_routes_level(args, preset.routes, command)
     if "dit-model" in args.levels:
         ok = run_dit_model_level(args, args.dit_runs or preset.dit_model, command)
     return 0 if ok else 1
@@ -409,6 +418,28 @@ def run_dit_attention_level(args: argparse.Namespace, config: DiTAttentionConfig
     write_dit_attention(args.out_dir / "dit-attention", meta, fidelity, timing, args.update_readme)
 
 
+def run_routes_level(args: argparse.Namespace, config: routes_level.RoutesConfig, command: str) -> None:
+    """The mass correction's routes on one joint layer (torch, CPU, float32): routes/ in the results folder."""
+    started = time.perf_counter()
+    meta = {**base_meta(command), "device": f"cpu ({torch.get_num_threads()} threads)", "preset": args.preset}
+    results = _with_progress(
+        routes_level.rows(config), routes_level.count_steps(config), "mass-correction routes",
+        lambda row: f"{row['grid']} width {row['head_dim']}",
+    )  # fmt: skip
+    _finish(meta, started)
+    write_routes(args.out_dir / "routes", meta, results, args.update_readme)
+
+
+def write_routes(out: Path, meta: dict, results: list[dict], readme: bool) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"meta": meta, "routes": results}, indent=1))
+    section = routes_level.markdown(meta, results)
+    (out / "results.md").write_text(section)
+    print(section)
+    if readme:
+        _update_readme(section, README_SECTIONS["routes"])
+
+
 def _dit_grid(row: dict) -> str:
     return f"{row['layout']} {row['grid']}"
 
@@ -463,7 +494,9 @@ def run_dit_model_level(args: argparse.Namespace, runs: tuple[DiTRun, ...], comm
 def from_results(args: argparse.Namespace) -> int:
     """Tables, plot and README section of the level an earlier results.json holds; nothing is run."""
     data = json.loads(args.from_results.read_text())
-    if "fidelity" in data:  # dit-attention
+    if "routes" in data:
+        write_routes(args.out_dir / "routes", data["meta"], data["routes"], args.update_readme)
+    elif "fidelity" in data:  # dit-attention
         write_dit_attention(args.out_dir / "dit-attention", data["meta"], data["fidelity"], data["timing"],
                             args.update_readme)  # fmt: skip
     elif "checks" in data:  # dit-model

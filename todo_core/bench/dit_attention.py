@@ -28,7 +28,6 @@ Part of ``python -m todo_core.bench --levels dit-attention`` (writes ``dit-atten
 
 from __future__ import annotations
 
-import math
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -37,7 +36,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..dit import SequenceLayout, reduce_keys, select_keys
+from ..dit import SequenceLayout, key_groups, reduce_keys, select_keys
+from ..routes import attend_lse_merged
 from .tokens import PHOTOS, attention_layer, merge_heads, photo_tokens
 
 HEADS, HEAD_DIM = 8, 128
@@ -238,16 +238,9 @@ def fidelity_rows(config: DiTAttentionConfig) -> Iterator[dict]:
 
 
 def lse_merge_attention(q, k, v, layout: SequenceLayout, factor: int) -> torch.Tensor:
-    """Text keys and kept image keys attended separately, merged by log-sum-exp with the ``log(f²)`` offset."""
-    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    selection = select_keys(layout, factor, k.device, k.dtype)
-    image_index = selection.indices[layout.prefix :]
-    out_text, lse_text = flash(q, k[:, :, : layout.prefix], v[:, :, : layout.prefix])[:2]
-    out_image, lse_image = flash(q, k.index_select(2, image_index), v.index_select(2, image_index))[:2]
-    lse_image = lse_image + 2 * math.log(factor)
-    top = torch.maximum(lse_text, lse_image)
-    w_text, w_image = (lse_text - top).exp().unsqueeze(-1), (lse_image - top).exp().unsqueeze(-1)
-    return (out_text * w_text + out_image * w_image) / (w_text + w_image)
+    """Mass-corrected attention without a mask: one call per group size, merged by log-sum-exp (``routes.py``)."""
+    k_small, v_small, _ = reduce_keys(k, v, None, layout, factor, 2, mass_correction=False)
+    return attend_lse_merged(q, k_small, v_small, q.shape[1], key_groups(layout, factor, k.device).sets, True, True)
 
 
 def timing_rows(config: DiTAttentionConfig) -> Iterator[dict]:
