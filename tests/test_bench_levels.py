@@ -227,3 +227,16 @@ def test_the_former_dit_attention_entry_point_is_the_one_command():
     done = subprocess.run([sys.executable, "-m", "todo_core.bench.dit_attention", "--levels", "bogus"],
                           capture_output=True, text=True, cwd=PACK_ROOT)  # fmt: skip
     assert done.returncode == 2 and "python -m todo_core.bench" in done.stderr and "choose from" in done.stderr
+
+
+def test_the_routes_level_times_every_route_and_each_equals_the_oracle(tmp_path):
+    """``--levels routes``: every route of the mass correction timed beside the same keys uncorrected, each one's
+    error against the float64 oracle at float32 rounding, a results file and a table."""
+    assert cli.main(["--levels", "routes", "--preset", "tiny", "--out-dir", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "routes" / "results.json").read_text())
+    variants = {(r["head_dim"], r["variant"]) for r in data["routes"]}
+    for head_dim in (128, 64):
+        assert {(head_dim, v) for v in ("uncorrected", "mask", "fold", "lse-merge", "zero_cost")} <= variants
+    routes = [r for r in data["routes"] if r["variant"] in ("mask", "fold", "lse-merge")]
+    assert routes and all(r["error_vs_float64_oracle"] < 1e-5 for r in routes)
+    assert "| lse-merge |" in (tmp_path / "routes" / "results.md").read_text()
