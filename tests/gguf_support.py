@@ -31,6 +31,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from comfy_support import SD15_TINY
 
 logger = logging.getLogger("comfyui_todo.tests")
 
@@ -71,23 +72,12 @@ FLUX_GGUF = {
 SD15_GGUF = {
     # SD1.5's widths (320 channels, 768-wide context, 8 heads), which ComfyUI's SD1.5 detection requires, at two
     # levels with one res block each instead of four levels with two.
-    "use_checkpoint": False,
-    "image_size": 32,
-    "in_channels": 4,
-    "out_channels": 4,
+    **SD15_TINY,
     "model_channels": 320,
     "num_res_blocks": [1, 1],
     "channel_mult": [1, 2],
     "transformer_depth": [1, 1],
     "transformer_depth_output": [1, 1, 1, 1],
-    "transformer_depth_middle": 1,
-    "use_linear_in_transformer": False,
-    "context_dim": 768,
-    "adm_in_channels": None,
-    "use_spatial_transformer": True,
-    "legacy": False,
-    "use_temporal_resblock": False,
-    "use_temporal_attention": False,
 }
 
 UNQUANTIZED = {
