@@ -57,6 +57,8 @@ TRANSFORMER_OPTIONS_ARG = 5
 LATENT_ARG, CROSSATTN_ARG = 0, 3
 """Positions of the latent and the text context in the apply-model wrapper call."""
 OVERRIDE_KEY = "optimized_attention_override"
+POST_INPUT = "post_input"
+"""Flux's patches after its input embeddings: they may add text tokens (USOStyleReference's style tokens)."""
 LATENT_SHAPES_ARG = "latent_shapes"
 """Model-call input of models whose sampler packs several latents into one (LTX-2: video, then audio)."""
 SUPPORTED = "SD1.x, SD2.x and SDXL UNets and " + ", ".join(f.label for f in DIT_FAMILIES.values())
@@ -415,7 +417,8 @@ class ToDoModelCall:
             prepared = options if self.family is not None else prepare_unet_options(options)
             if self.override is not None:
                 prepared = self.keep_override(prepared)
-            return {**prepared, **recorded} if recorded else prepared
+            prepared = {**prepared, **recorded} if recorded else prepared
+            return count_text_added_by_input_patches(prepared) if latent is not None else prepared
 
         args, kwargs = _with_transformer_options(args, kwargs, prepare)
         return executor(*args, **kwargs)
@@ -444,6 +447,40 @@ class ToDoModelCall:
             shape = tuple(packed[0])
         text_length = context.shape[1] if context is not None and context.ndim == 3 else 0
         return self.family.latent_info(shape, text_length, kwargs)
+
+
+def count_text_added_by_input_patches(options: dict) -> dict:
+    """``options`` (a dict of this model call's own) with its ``post_input`` patches (Flux) framed by a counter."""
+    patches = options.get("patches") or {}
+    chain = patches.get(POST_INPUT)
+    if not chain:
+        return options
+    counter = TextAddedByInputPatches(options)
+    options["patches"] = {**patches, POST_INPUT: [counter.before, *chain, counter.after]}
+    return options
+
+
+class TextAddedByInputPatches:
+    """Text tokens that Flux's ``post_input`` patches add, counted into the text prefix of one model call.
+
+    USOStyleReference puts its style tokens before the text there, after the wrapper read the text length from
+    ``c_crossattn``: counted from that alone, the grid would be looked for among the style tokens.
+    """
+
+    def __init__(self, options: dict) -> None:
+        self.options = options
+        self.text_length = 0
+
+    def before(self, inputs: dict) -> dict:
+        self.text_length = inputs["txt"].shape[1]
+        return inputs
+
+    def after(self, inputs: dict) -> dict:
+        added = inputs["txt"].shape[1] - self.text_length
+        latent = self.options.get(LATENT_INFO_KEY)
+        if added and latent is not None:
+            self.options[LATENT_INFO_KEY] = dataclasses.replace(latent, text_tokens=latent.text_tokens + added)
+        return inputs
 
 
 class ToDoExtension(ComfyExtension):
