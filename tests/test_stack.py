@@ -80,6 +80,7 @@ class StackProbe:
     calls: list[Call] = field(default_factory=list)
     watch: object = None
     load_states: list[tuple[bool, int, int, int]] = field(default_factory=list)
+    passes_attention_masks = True  # it hands every mask to the backend: ToDo's correction stays a mask
 
     def __deepcopy__(self, memo):
         return self  # ModelPatcher.clone deep-copies model_options: every clone must record into this probe

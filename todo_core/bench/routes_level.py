@@ -123,7 +123,7 @@ def count_steps(config: RoutesConfig) -> int:
 
 def markdown(meta: dict, results: list[dict]) -> str:
     load = meta.get("load_average_start")
-    load_note = f" · load average {load} → {meta.get('load_average_end')}" if load is not None else ""
+    load_note = f" · load average {load} -> {meta.get('load_average_end')}" if load is not None else ""
     lines = [
         f"Measured {meta['date']} on {meta.get('machine', '?')} · torch {meta['torch']} · {meta['device']} · "
         f"float32 · command `{meta['command']}`{load_note}",
