@@ -66,6 +66,13 @@ UNET_NEAREST_INTEGER = Counter(
 UNET_NEAREST_FRACTIONAL = Counter({"aten.view.default": 2, "aten.unsqueeze.default": 2, "aten.index.Tensor": 1})
 
 
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")),
+]
+"""On a GPU, a copy of a cached index tensor to the device would show as ``_to_copy``."""
+
+
 def unet_kernel_ops(kernel: str) -> Counter:
     return Counter({"aten.view.default": 2, "aten.permute.default": 2, f"aten.{kernel}.default": 1})
 
@@ -140,10 +147,11 @@ UNET_CASES = {
 @pytest.mark.parametrize("window", ["no window", "in window", "published"])
 @pytest.mark.parametrize("case", list(UNET_CASES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_unet_patch_per_call(monkeypatch, case, window, dtype):
+@pytest.mark.parametrize("device", DEVICES)
+def test_unet_patch_per_call(monkeypatch, case, window, dtype, device):
     factor, method, allowed = UNET_CASES[case]
     patch = ToDoAttn1Patch(ToDoConfig.create("manual", factor, 1.0, 1.0, method=method))
-    n = torch.randn(2, 27 * 20, 16, dtype=dtype)
+    n = torch.randn(2, 27 * 20, 16, dtype=dtype, device=device)
     k, v = torch.randn_like(n), torch.randn_like(n)
     options = unet_options(27, 20, **({IN_WINDOW_KEY: True} if window == "in window" else {}))
     call = ModelCall(True, None, patch.settings)
@@ -169,7 +177,9 @@ LATENT = LatentInfo(1, 30, 22, 4)  # 15 x 11 tokens: fractional factors leave sm
 TOKENS = 4 + 15 * 11
 
 
-def dit_call(counters: list[OpCounter], mass_correction: bool, factor: float, mask_kind: str | None, dtype):
+def dit_call(
+    counters: list[OpCounter], mass_correction: bool, factor: float, mask_kind: str | None, dtype, device="cpu"
+):
     """An override, a function calling it once, and the key counts its backend saw (not counted in ``counters``)."""
     override = ToDoAttentionOverride(
         ToDoConfig.create(mode="manual", depth_1_factor=factor),
@@ -178,8 +188,8 @@ def dit_call(counters: list[OpCounter], mass_correction: bool, factor: float, ma
         mass_correction=mass_correction,
     )
     generator = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, 2, TOKENS, 8, generator=generator).to(dtype) for _ in range(3))
-    mask = None if mask_kind is None else torch.zeros(1, 1, TOKENS, TOKENS, dtype=dtype)
+    q, k, v = (torch.randn(1, 2, TOKENS, 8, generator=generator).to(device, dtype) for _ in range(3))
+    mask = None if mask_kind is None else torch.zeros(1, 1, TOKENS, TOKENS, dtype=dtype, device=device)
     seen = []
 
     def backend(q, k, v, heads, mask=None, **kwargs):
@@ -198,9 +208,10 @@ def dit_call(counters: list[OpCounter], mass_correction: bool, factor: float, ma
 @pytest.mark.parametrize("mass_correction", [True, False], ids=["corrected", "uncorrected"])
 @pytest.mark.parametrize("factor", [2.0, 1.5])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_dit_override_per_call(monkeypatch, window, mask_kind, mass_correction, factor, dtype):
+@pytest.mark.parametrize("device", DEVICES)
+def test_dit_override_per_call(monkeypatch, window, mask_kind, mass_correction, factor, dtype, device):
     holder: list[OpCounter] = []
-    override, run, seen = dit_call(holder, mass_correction, factor, mask_kind, dtype)
+    override, run, seen = dit_call(holder, mass_correction, factor, mask_kind, dtype, device)
     options = {LATENT_INFO_KEY: LATENT, **({IN_WINDOW_KEY: True} if window == "in window" else {})}
     run(options)  # warm-up
     call = ModelCall(True, LATENT, override.settings)
