@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
+import weakref
 
 from comfy.patcher_extension import WrappersMP
 from comfy_api.latest import ComfyExtension, io
@@ -46,7 +47,7 @@ from .todo_core.families import (
     patch_triple,
     steps_aside,
 )
-from .todo_core.patch import SIGMA_WINDOW_KEY, SigmaWindow, prepare_unet_options, warn_once
+from .todo_core.patch import IN_WINDOW_KEY, ModelCall, SigmaWindow, prepare_unet_options, published, warn_once
 
 logger = logging.getLogger("comfyui_todo")
 
@@ -54,8 +55,8 @@ DETECT_NATIVE_RESOLUTION = 0
 WRAPPER_KEY = "comfyui_todo"
 TRANSFORMER_OPTIONS_ARG = 5
 """Position of ``transformer_options`` in the apply-model wrapper call."""
-LATENT_ARG, CROSSATTN_ARG = 0, 3
-"""Positions of the latent and the text context in the apply-model wrapper call."""
+LATENT_ARG, SIGMA_ARG, CROSSATTN_ARG = 0, 1, 3
+"""Positions of the latent, its sigmas and the text context in the apply-model wrapper call."""
 OVERRIDE_KEY = "optimized_attention_override"
 POST_INPUT = "post_input"
 """Flux's patches after its input embeddings: they may add text tokens (USOStyleReference's style tokens)."""
@@ -271,14 +272,17 @@ class ToDoModelPatch(io.ComfyNode):
         if family is not None:
             override = ToDoAttentionOverride(config, family, blocks)
             add_dit_override(patched, override)
+            settings = override.settings
             flag_not_image_attention(patched, family)
             warn_about_unknown_blocks(patched, family, blocks)
         else:
-            patched.set_model_attn1_patch(ToDoAttn1Patch(config))
+            attention = ToDoAttn1Patch(config)
+            patched.set_model_attn1_patch(attention)
+            settings = attention.settings
         patched.add_wrapper_with_key(
             WrappersMP.APPLY_MODEL,
             WRAPPER_KEY,
-            ToDoModelCall(config.start_percent, config.end_percent, family, override),
+            ToDoModelCall(config.start_percent, config.end_percent, family, settings, override),
         )
         return io.NodeOutput(patched)
 
@@ -368,6 +372,13 @@ def warn_about_unknown_blocks(model, family: DiTFamily, blocks: BlockSelection) 
         )
 
 
+def _transformer_options(args: tuple, kwargs: dict) -> dict:
+    """A wrapper call's ``transformer_options`` (keyword or positional)."""
+    if "transformer_options" in kwargs or len(args) <= TRANSFORMER_OPTIONS_ARG:
+        return kwargs.get("transformer_options") or {}
+    return args[TRANSFORMER_OPTIONS_ARG] or {}
+
+
 def _with_transformer_options(args: tuple, kwargs: dict, transform) -> tuple[tuple, dict]:
     """A wrapper call's arguments with ``transformer_options`` (keyword or positional) replaced by ``transform(it)``."""
     if "transformer_options" in kwargs or len(args) <= TRANSFORMER_OPTIONS_ARG:
@@ -382,11 +393,14 @@ class ToDoModelCall:
 
     - The sigma window, from the schedule of the model sampling the sampler
       really uses (a shift node placed after ToDo changes it), so the window
-      does not depend on the order of the nodes.
+      does not depend on the order of the nodes; the call's sigma is compared
+      here, once, so that no attention call reads it.
     - DiTs: the latent grid, the text prefix and the reference tokens (from the family's table entry).
     - UNets: ToDo's attn1 patch last in the chain, blocks whose attn1 another patch replaces.
     - DiTs: ToDo's attention override back around one that a node applied after ToDo wrote over it (some
       SageAttention patch nodes write the slot without keeping what was there).
+
+    The same facts are published for code that torch.compile traces (:class:`ModelCall`).
     """
 
     def __init__(
@@ -394,24 +408,28 @@ class ToDoModelCall:
         start_percent: float,
         end_percent: float,
         family: DiTFamily | None,
+        settings: int | None = None,
         override: ToDoAttentionOverride | None = None,
     ) -> None:
         self.start_percent = start_percent
         self.end_percent = end_percent
         self.family = family
+        self.settings = settings
         self.override = override
+        self._window: tuple[weakref.ref, weakref.ref, SigmaWindow | None] | None = None
+        """The window of the last render: weak references to its sigmas and model sampling, and the window."""
 
     def __repr__(self) -> str:
         family = self.family.name if self.family else "unet"
         return f"ToDoModelCall({self.start_percent}, {self.end_percent}, {family})"
 
     def __call__(self, executor, *args, **kwargs):
-        window = SigmaWindow.from_percents(executor.class_obj.model_sampling, self.start_percent, self.end_percent)
+        in_window = self.in_window(executor.class_obj.model_sampling, args, kwargs)
         latent = self.latent_info(args, kwargs) if self.family is not None else None
 
         recorded = {LATENT_INFO_KEY: latent} if latent is not None else {}
-        if window is not None:
-            recorded[SIGMA_WINDOW_KEY] = window
+        if not in_window:
+            recorded[IN_WINDOW_KEY] = False
 
         def prepare(options: dict) -> dict:
             prepared = options if self.family is not None else prepare_unet_options(options)
@@ -421,7 +439,32 @@ class ToDoModelCall:
             return count_text_added_by_input_patches(prepared) if latent is not None else prepared
 
         args, kwargs = _with_transformer_options(args, kwargs, prepare)
-        return executor(*args, **kwargs)
+        with published(ModelCall(in_window, latent, self.settings)):
+            return executor(*args, **kwargs)
+
+    def in_window(self, model_sampling, args: tuple, kwargs: dict) -> bool:
+        """Whether this call's sigma lies in the window: one host sync per model call, none without a window."""
+        if self.start_percent <= 0.0 and self.end_percent >= 1.0:
+            return True
+        window = self.window(model_sampling, _transformer_options(args, kwargs).get("sample_sigmas"))
+        sigmas = args[SIGMA_ARG] if len(args) > SIGMA_ARG else kwargs.get("t")
+        if window is None or sigmas is None:
+            return True
+        return window.contains(float(sigmas.reshape(-1)[0]))
+
+    def window(self, model_sampling, render) -> SigmaWindow | None:
+        """The window on ``model_sampling``'s schedule, converted once per render (``render``: its sigmas tensor).
+
+        ``percent_to_sigma`` reads tensors (host syncs on GPUs): converting on
+        every model call would cost more than the comparison itself.
+        """
+        cached = self._window
+        if cached is not None and render is not None and cached[0]() is render and cached[1]() is model_sampling:
+            return cached[2]
+        window = SigmaWindow.from_percents(model_sampling, self.start_percent, self.end_percent)
+        if render is not None:
+            self._window = (weakref.ref(render), weakref.ref(model_sampling), window)
+        return window
 
     def keep_override(self, options: dict) -> dict:
         """``options`` with ToDo's override around whatever override a later node wrote over it."""

@@ -22,7 +22,7 @@ from todo_core.dit import (
     sdpa_attention,
     select_keys,
 )
-from todo_core.patch import SIGMA_WINDOW_KEY, SigmaWindow, _warned_kinds
+from todo_core.patch import IN_WINDOW_KEY, _warned_kinds
 
 FLUX = DIT_FAMILIES["flux"]
 WAN = DIT_FAMILIES["wan"]
@@ -249,9 +249,9 @@ def test_override_passes_through_what_it_must_not_touch(caplog):
         FLUX,
         BlockSelection.parse("single"),
     )
-    base = {LATENT_INFO_KEY: latent, "block_type": "single", "block_index": 0, SIGMA_WINDOW_KEY: SigmaWindow(0.5, 1.0)}
-    override(backend, q, k, v, 2, skip_reshape=True, transformer_options={**base, "sigmas": torch.tensor([0.7])})
-    override(backend, q, k, v, 2, skip_reshape=True, transformer_options={**base, "sigmas": torch.tensor([0.2])})
+    base = {LATENT_INFO_KEY: latent, "block_type": "single", "block_index": 0}
+    override(backend, q, k, v, 2, skip_reshape=True, transformer_options={**base, IN_WINDOW_KEY: True})
+    override(backend, q, k, v, 2, skip_reshape=True, transformer_options={**base, IN_WINDOW_KEY: False})
     override(backend, q, k, v, 2, skip_reshape=True, transformer_options={**base, "block_type": "double"})
     override(backend, q, k, v, 2, skip_reshape=True, transformer_options={})  # no latent recorded
     override(backend, q, k[:, :, :10], v[:, :, :10], 2, skip_reshape=True, transformer_options=base)  # cross

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from todo_core import DownsampleMethod, ToDoAttn1Patch, ToDoConfig, downsample_tokens
-from todo_core.patch import SIGMA_WINDOW_KEY, SigmaWindow, _warned_kinds, run_todo_last
+from todo_core.patch import IN_WINDOW_KEY, SigmaWindow, _warned_kinds, run_todo_last
 
 
 def options(height: int, width: int, depth_scale: int = 1, sigma: float | None = None) -> dict:
@@ -82,12 +82,14 @@ def test_auto_mode_is_a_noop_at_native_resolution():
 def test_sigma_range():
     config = ToDoConfig.create("manual", 2.0, 1.0, 1.0, start_percent=0.0, end_percent=0.5)
     patch = ToDoAttn1Patch(config)
-    window = {SIGMA_WINDOW_KEY: SigmaWindow.between(14.6, 1.0)}
+    window = SigmaWindow.between(14.6, 1.0)
+    assert window.contains(10.0) and window.contains(14.6) and window.contains(1.0)
+    assert not window.contains(0.5) and not window.contains(20.0)
     n = hidden(1, 8, 8)
-    assert patch(n, n, n, {**options(8, 8, sigma=10.0), **window})[1].shape[1] == 16
-    assert patch(n, n, n, {**options(8, 8, sigma=0.5), **window})[1] is n
-    assert patch(n, n, n, {**options(8, 8, sigma=20.0), **window})[1] is n
-    assert patch(n, n, n, options(8, 8, sigma=20.0))[1].shape[1] == 16, "no window recorded: the whole schedule"
+    # The node's model-call wrapper compares the sigma once per model call and records the answer.
+    assert patch(n, n, n, {**options(8, 8, sigma=10.0), IN_WINDOW_KEY: True})[1].shape[1] == 16
+    assert patch(n, n, n, {**options(8, 8, sigma=0.5), IN_WINDOW_KEY: False})[1] is n
+    assert patch(n, n, n, options(8, 8, sigma=20.0))[1].shape[1] == 16, "nothing recorded: the whole schedule"
 
 
 def test_cross_attention_context_passes_through():

@@ -32,7 +32,7 @@ import torch
 
 from .choices import ConfigError
 from .config import ToDoConfig
-from .downsample import nearest_indices, output_side, output_tokens
+from .downsample import nearest_indices, nearest_rows, output_side, output_tokens
 from .families import (
     DIT_FAMILIES,
     DiTFamily,
@@ -42,7 +42,8 @@ from .families import (
     resolve_layout,
     token_grid,
 )
-from .patch import in_sigma_window, warn_once
+from .memo import memoised
+from .patch import in_sigma_window, traced_call, warn_once
 from .routes import MASKLESS_BACKENDS, PASSES_MASKS_ATTRIBUTE, Route, attend_folded, attend_lse_merged, choose_route
 
 __all__ = [  # the layout names come from families.py; code written against this module keeps working
@@ -106,7 +107,7 @@ def describe_grid(latent: LatentInfo, family: DiTFamily) -> str:
 
 def _group_sizes(side: int, factor: float) -> list[int]:
     """Sizes of the nearest-sampling groups along one side: each kept row stands for the rows up to the next."""
-    starts = nearest_indices(side, factor, torch.device("cpu")).tolist()
+    starts = nearest_rows(side, factor)
     return [end - start for start, end in zip(starts, [*starts[1:], side], strict=True)]
 
 
@@ -122,7 +123,7 @@ class KeySelection:
     """All kept keys stand for the same number of keys: the correction is a constant and cancels."""
 
 
-@functools.lru_cache(maxsize=256)
+@memoised(maxsize=256)
 def select_keys(
     layout: SequenceLayout,
     factor: float,
@@ -134,7 +135,7 @@ def select_keys(
 
     ``factor`` reduces each frame's grid; ``temporal_factor`` keeps one frame of
     every group of frames (video), each kept key then standing for its group
-    across frames too.
+    across frames too. While torch.compile traces, the selection is built in the graph.
     """
     cpu = torch.device("cpu")
     rows, cols = nearest_indices(layout.height, factor, cpu), nearest_indices(layout.width, factor, cpu)
@@ -145,18 +146,19 @@ def select_keys(
     suffix_start = layout.prefix + layout.image_tokens
     indices = torch.cat((torch.arange(layout.prefix), image, torch.arange(suffix_start, suffix_start + layout.suffix)))
 
-    def sizes(side: int, side_factor: float) -> torch.Tensor:
-        return torch.tensor(_group_sizes(side, side_factor), dtype=torch.float64)
-
+    sides = ((layout.frames, temporal_factor), (layout.height, factor), (layout.width, factor))
+    frame_sizes, row_sizes, col_sizes = (_group_sizes(side, side_factor) for side, side_factor in sides)
     group = (
-        sizes(layout.frames, temporal_factor)[:, None, None]
-        * sizes(layout.height, factor)[None, :, None]
-        * sizes(layout.width, factor)[None, None, :]
+        torch.tensor(frame_sizes, dtype=torch.float64)[:, None, None]
+        * torch.tensor(row_sizes, dtype=torch.float64)[None, :, None]
+        * torch.tensor(col_sizes, dtype=torch.float64)[None, None, :]
     ).reshape(-1)
     log_group = torch.cat(
         (torch.zeros(layout.prefix, dtype=torch.float64), group.log(), torch.zeros(layout.suffix, dtype=torch.float64))
     )
-    uniform = layout.prefix == 0 and layout.suffix == 0 and bool((group == group[0]).all())
+    # Products of positive sizes are all equal exactly when each side's sizes are: decided without a tensor.
+    sizes_uniform = all(len(set(sizes)) == 1 for sizes in (frame_sizes, row_sizes, col_sizes))
+    uniform = layout.prefix == 0 and layout.suffix == 0 and sizes_uniform
     return KeySelection(indices.to(device), log_group.to(device=device, dtype=dtype), uniform)
 
 
@@ -208,7 +210,7 @@ class KeyGroups:
     """Per distinct group size: the positions of its keys among the kept keys, and ``log(group size)``."""
 
 
-@functools.lru_cache(maxsize=256)
+@memoised(maxsize=256)
 def key_groups(layout: SequenceLayout, factor: float, device: torch.device, temporal_factor: float = 1.0) -> KeyGroups:
     """Memoised with :func:`select_keys`: computed once per layout on the host, never per call."""
     log_sizes = select_keys(layout, factor, torch.device("cpu"), torch.float64, temporal_factor).log_group_size
@@ -331,6 +333,8 @@ class ToDoAttentionOverride:
         self.blocks = blocks
         self.inner = inner
         self.mass_correction = mass_correction
+        self.settings = hash((config, family.name, blocks, mass_correction))
+        """What a compiled graph traced with this override depends on (see :class:`~.patch.ModelCall`)."""
 
     def __repr__(self) -> str:
         return f"ToDoAttentionOverride({self.family.name}, {self.config}, blocks={self.blocks})"
@@ -356,11 +360,12 @@ class ToDoAttentionOverride:
     def plan(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> tuple[SequenceLayout, float, float] | None:
         """The layout and factor for this call, or ``None`` to leave it exactly as it is."""
         options = kwargs.get("transformer_options") or {}
-        latent = options.get(LATENT_INFO_KEY)
+        traced = traced_call()  # torch.compile: the model call's record, which dynamo guards (transformer_options not)
+        latent = options.get(LATENT_INFO_KEY) if traced is None else traced.latent
         if latent is None or len(args) < 3:
             return None
         q, k, v = args[:3]
-        if not in_sigma_window(options):
+        if not in_sigma_window(options, self.settings):
             return None
         if not self._block_selected(options):
             return None

@@ -9,7 +9,6 @@ channels-last view for avg/max), so the only copy made is the small output.
 
 from __future__ import annotations
 
-import functools
 import math
 from enum import Enum
 
@@ -17,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .choices import parse_choice
+from .memo import memoised
 
 _INTEGER_TOLERANCE = 1e-6
 
@@ -59,17 +59,25 @@ def _as_integer(factor: float) -> int | None:
     return None
 
 
-@functools.lru_cache(maxsize=256)
+@memoised(maxsize=256)
+def nearest_rows(side: int, factor: float) -> tuple[int, ...]:
+    """Source rows of nearest sampling: ``floor(i * factor)`` for each output row ``i``, as plain ints.
+
+    Python floats are IEEE doubles: the same values a float64 tensor gives,
+    without a tensor to read back (``.tolist()`` is a graph break under torch.compile).
+    """
+    count = output_side(side, factor)
+    return tuple(min(side - 1, math.floor(i * factor + _INTEGER_TOLERANCE)) for i in range(count))
+
+
+@memoised(maxsize=256)
 def nearest_indices(side: int, factor: float, device: torch.device) -> torch.Tensor:
-    """Source rows of nearest sampling: ``floor(i * factor)`` for each output row ``i``.
+    """:func:`nearest_rows` as an index tensor on ``device``.
 
     Memoised (the same few grids recur in every step) so that a GPU render does
     not copy index tensors to the device on every attention call; never mutated.
     """
-    count = output_side(side, factor)
-    positions = torch.arange(count, dtype=torch.float64) * factor
-    indices = torch.floor(positions + _INTEGER_TOLERANCE).long().clamp_(max=side - 1)
-    return indices.to(device)
+    return torch.tensor(nearest_rows(side, factor), dtype=torch.long, device=device)
 
 
 def downsample_tokens(

@@ -12,10 +12,11 @@ real token count.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from .memo import memoised
 
 MAX_DEPTH = 8
 """Deepest UNet level probed by the ceil fallback (SD-family UNets stop at 4)."""
@@ -46,7 +47,7 @@ def ceil_side(side: int, depth: int) -> int:
     return side
 
 
-@functools.lru_cache(maxsize=1024)
+@memoised(maxsize=1024)
 def depth_from_sides(latent_hw: tuple[int, int], grid_hw: tuple[int, int]) -> int:
     """Resolution level of a grid relative to the latent (1 = same size).
 

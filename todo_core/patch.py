@@ -4,22 +4,28 @@ ComfyUI calls an attn1 patch as ``patch(q, k, v, extra_options)`` with the
 layer-normed hidden states before the q/k/v projections and expects
 ``(q, k, v)`` back; K/V may come back with fewer tokens than Q. The patch holds
 no state between calls: everything it decides comes from its frozen
-configuration and the call's own arguments.
+configuration and the call's own arguments (while torch.compile traces, from
+the record its model call published: see :class:`ModelCall`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .config import ToDoConfig
 from .downsample import downsample_tokens, output_tokens
 from .grid import TokenGrid, resolve_grid
+from .memo import is_compiling
+
+if TYPE_CHECKING:
+    from .families import LatentInfo
 
 logger = logging.getLogger("comfyui_todo")
 
@@ -36,8 +42,12 @@ def warn_once(kind: str, message: str, render: torch.Tensor | None = None, level
     ``render`` is the ``sample_sigmas`` tensor ComfyUI puts in the transformer
     options of one sampling run; a new run reports again. Without it (a model
     called outside a sampler) a kind is reported once per process. Only logging
-    state: no patch decision ever depends on it.
+    state: no patch decision ever depends on it. Nothing is logged from a graph
+    torch.compile traces: a logging call there is a graph break that every later
+    call of the compiled model would pay, for a call ToDo leaves unchanged anyway.
     """
+    if is_compiling():
+        return
     if kind in _warned_kinds:
         last = _warned_kinds[kind]
         if render is None or (last is not None and last() is render):
@@ -46,8 +56,12 @@ def warn_once(kind: str, message: str, render: torch.Tensor | None = None, level
     logger.log(level, message)
 
 
-SIGMA_WINDOW_KEY = "todo_sigma_window"
-"""``transformer_options`` entry: the :class:`SigmaWindow` of the current model call (absent = whole schedule)."""
+IN_WINDOW_KEY = "todo_in_sigma_window"
+"""``transformer_options`` entry: whether the current model call's sigma lies in ToDo's window (absent = it does).
+
+Decided once per model call by the node's model-call wrapper (:meth:`SigmaWindow.contains`), so that the
+attention calls never read the sigma tensor (a device-to-host copy on GPUs, a graph break under torch.compile).
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +71,7 @@ class SigmaWindow:
     Percents are converted with the schedule the sampler really uses, at
     sampling time: a shift node (``ModelSamplingFlux``, ``ModelSamplingSD3``,
     ...) placed after ToDo changes it. The node's model-call wrapper converts
-    them once per model call; the hot path only compares one float.
+    them once per render and compares the call's sigma once per model call.
     """
 
     low: float
@@ -78,28 +92,77 @@ class SigmaWindow:
             return None
         return cls.between(model_sampling.percent_to_sigma(start_percent), model_sampling.percent_to_sigma(end_percent))
 
-    def contains(self, options: Mapping[str, Any]) -> bool:
-        sigmas = options.get("sigmas")
-        if sigmas is None:
-            return True
-        return self.low <= float(sigmas.reshape(-1)[0]) <= self.high
+    def contains(self, sigma: float) -> bool:
+        return self.low <= sigma <= self.high
 
 
-def in_sigma_window(options: Mapping[str, Any]) -> bool:
-    """Whether this call's sigma lies in the window recorded for the model call (everywhere when none is)."""
-    window = options.get(SIGMA_WINDOW_KEY)
-    return window is None or window.contains(options)
+@dataclass(frozen=True, slots=True)
+class ModelCall:
+    """What the node's model-call wrapper decided for one model call, as code traced by torch.compile reads it.
+
+    ComfyUI's ``TorchCompileModel`` drops every guard on ``transformer_options``
+    (it changes on every step), so whatever an attention patch reads from there
+    is baked into the compiled graph when it is traced. The wrapper therefore
+    also publishes this record in a module attribute for the duration of the
+    model call (:func:`published`); traced code reads it there and dynamo
+    guards the values it reads: the graph is traced again, once, when the
+    window closes, when the DiT latent grid changes, or when ToDo's settings
+    change. Eager code reads the same facts from ``transformer_options``.
+    """
+
+    in_window: bool
+    latent: LatentInfo | None = None
+    """The DiT latent grid, text prefix and references of the call; ``None`` for UNets."""
+    settings: int | None = None
+    """``settings`` of the ToDo patch the call was prepared for: a graph traced for other settings is not reused."""
+
+
+_published: ModelCall | None = None
+"""The record of the model call in progress (see :class:`ModelCall`); ``None`` outside one."""
+
+
+@contextlib.contextmanager
+def published(call: ModelCall) -> Iterator[None]:
+    """Publish ``call`` for the duration of one model call, restoring the previous record after it (nested calls)."""
+    global _published
+    previous, _published = _published, call
+    try:
+        yield
+    finally:
+        _published = previous
+
+
+def traced_call() -> ModelCall | None:
+    """While torch.compile traces: the published record of the model call (dynamo guards what is read from it)."""
+    return _published if is_compiling() else None
+
+
+def in_sigma_window(options: Mapping[str, Any], settings: int | None = None) -> bool:
+    """Whether ToDo acts in this call's step: no host sync, one dictionary lookup when eager.
+
+    Traced by torch.compile, the decision comes from the published record.
+    Its ``settings`` are compared with the caller's, so that dynamo guards them
+    too (a graph traced for one factor is never reused for another); a record
+    prepared for other settings (another ToDo's) leaves the call unchanged.
+    """
+    call = traced_call()
+    if call is not None:
+        return call.in_window and (settings is None or call.settings is None or call.settings == settings)
+    return options.get(IN_WINDOW_KEY, True)
 
 
 class ToDoAttn1Patch:
     """Downsample self-attention keys/values for the depths configured, inside the call's sigma window.
 
-    The window comes with each call (:data:`SIGMA_WINDOW_KEY`); without one the
-    hot path never reads the sigma tensor (which would force a device sync on GPUs).
+    Whether the call's step lies in the window comes with each call
+    (:data:`IN_WINDOW_KEY`): the hot path never reads the sigma tensor (which
+    would force a device sync on GPUs).
     """
 
     def __init__(self, config: ToDoConfig) -> None:
         self.config = config
+        self.settings = hash(config)
+        """What a compiled graph traced with this patch depends on (see :class:`ModelCall`)."""
 
     def __repr__(self) -> str:
         return f"ToDoAttn1Patch({self.config})"
@@ -129,7 +192,7 @@ class ToDoAttn1Patch:
     def __call__(
         self, q: Tokens, k: Tokens, v: Tokens, extra_options: Mapping[str, Any]
     ) -> tuple[Tokens, Tokens, Tokens]:
-        if not in_sigma_window(extra_options):
+        if not in_sigma_window(extra_options, self.settings):
             return q, k, v
         if _attn1_replaced(extra_options):
             return q, k, v
