@@ -103,6 +103,8 @@ record_keys, record_output = _define_recorders()
 class CountingSDPA:
     """``optimized_attention_override`` registered before ToDo: K through ``record_keys``, then ComfyUI's SDPA."""
 
+    passes_attention_masks = True  # it hands every mask to the backend: ToDo's correction stays a mask
+
     def __deepcopy__(self, memo):
         return self
 
