@@ -23,12 +23,16 @@ from .todo_core import (
     ToDoConfig,
     native_resolution_for,
 )
+from .todo_core.calibrate import CALIBRATION_KEY, CalibrationStore, CallCalibration, NoiseBands
 from .todo_core.config import (
     DEFAULT_MANUAL_FACTORS,
+    DEFAULT_MAX_ERROR,
     DEFAULT_NATIVE_RESOLUTION,
     MAX_FACTOR,
+    MAX_MAX_ERROR,
     MAX_NATIVE_RESOLUTION,
     MIN_FACTOR,
+    MIN_MAX_ERROR,
 )
 from .todo_core.dit import (
     HOLDS_TODO_ATTRIBUTE,
@@ -48,6 +52,7 @@ from .todo_core.families import (
     steps_aside,
 )
 from .todo_core.patch import IN_WINDOW_KEY, ModelCall, SigmaWindow, prepare_unet_options, published, warn_once
+from .todo_core.unet_override import ToDoUNetAttention
 
 logger = logging.getLogger("comfyui_todo")
 
@@ -58,6 +63,7 @@ TRANSFORMER_OPTIONS_ARG = 5
 LATENT_ARG, SIGMA_ARG, CROSSATTN_ARG = 0, 1, 3
 """Positions of the latent, its sigmas and the text context in the apply-model wrapper call."""
 OVERRIDE_KEY = "optimized_attention_override"
+TODO_OVERRIDES = (ToDoAttentionOverride, ToDoUNetAttention)
 POST_INPUT = "post_input"
 """Flux's patches after its input embeddings: they may add text tokens (USOStyleReference's style tokens)."""
 LATENT_SHAPES_ARG = "latent_shapes"
@@ -165,7 +171,10 @@ class ToDoModelPatch(io.ComfyNode):
                     tooltip=(
                         "auto: at each depth, keep at most as many keys as the model saw at its native resolution "
                         "(no-op at native size, factor 2 at twice the side, 4 at four times; adapts to every "
-                        "hires-fix pass). manual: use the depth factors below."
+                        "hires-fix pass). manual: use the depth factors below. fidelity: ToDo measures, on your model "
+                        "during the render, the attention error of each layer for several factors and keeps the "
+                        "largest whose error is within max_error (per layer, size and noise level; reported in the "
+                        "console once per render)."
                     ),
                 ),
                 *(_factor_input(depth, default) for depth, default in enumerate(DEFAULT_MANUAL_FACTORS, start=1)),
@@ -215,6 +224,28 @@ class ToDoModelPatch(io.ComfyNode):
                         "Video DiTs only (Wan, HunyuanVideo, LTX, Kandinsky 5, Cosmos, Mochi): key/value downsample "
                         "factor along time, on top of the spatial one. "
                         "1 = every frame's keys kept (default: motion depends on them)."
+                    ),
+                ),
+                io.Float.Input(
+                    "max_error",
+                    default=DEFAULT_MAX_ERROR,
+                    optional=True,
+                    min=MIN_MAX_ERROR,
+                    max=MAX_MAX_ERROR,
+                    step=0.005,
+                    tooltip=(
+                        "Fidelity mode: the relative error each layer's attention output may have against exact "
+                        "attention, measured on a sample of query rows (0.03 = 3 %). A measure of attention, not "
+                        "of image quality: errors of many layers add up. Ignored in auto and manual modes."
+                    ),
+                ),
+                io.Boolean.Input(
+                    "report_error",
+                    default=False,
+                    optional=True,
+                    tooltip=(
+                        "Auto and manual modes: measure the attention error the factors cause and log it once per "
+                        "render (costs a little time; off = nothing measured). Fidelity mode always reports."
                     ),
                 ),
             ],
@@ -275,21 +306,44 @@ class ToDoModelPatch(io.ComfyNode):
             settings = override.settings
             flag_not_image_attention(patched, family)
             warn_about_unknown_blocks(patched, family, blocks)
+        elif config.measures:  # measuring needs the projected keys: the attention override, not an attn1 patch
+            override = ToDoUNetAttention(ToDoAttn1Patch(config))
+            add_dit_override(patched, override)
+            settings = override.settings
+            flag_unet_cross_attention(patched)
         else:
             attention = ToDoAttn1Patch(config)
             patched.set_model_attn1_patch(attention)
             settings = attention.settings
+        store = None
+        if config.measures:
+            store = CalibrationStore(model_label(model, family), config.mode.value, measured_budget(config))
+            patched.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, ToDoRender(store))
         patched.add_wrapper_with_key(
             WrappersMP.APPLY_MODEL,
             WRAPPER_KEY,
-            ToDoModelCall(config.start_percent, config.end_percent, family, settings, override),
+            ToDoModelCall(config.start_percent, config.end_percent, family, settings, override, store),
         )
         return io.NodeOutput(patched)
 
 
+def model_label(model, family: DiTFamily | None) -> str:
+    """The model as fidelity mode's report names it: its family, or its ComfyUI model configuration."""
+    if family is not None:
+        return family.label or family.name
+    config = getattr(model.model, "model_config", None)
+    return f"{type(config).__name__ if config is not None else type(model.model).__name__} UNet"
+
+
+def measured_budget(config: ToDoConfig) -> float | None:
+    """The error budget the report states: fidelity mode's; none when auto or manual factors are only measured."""
+    return config.max_error if config.mode is FactorMode.FIDELITY else None
+
+
 def remove_todo(patched) -> None:
-    """Take the patches and wrapper of an earlier ToDo node off a fresh clone, leaving every other patch in place."""
+    """Take the patches and wrappers of an earlier ToDo node off a fresh clone, leaving every other patch in place."""
     patched.remove_wrappers_with_key(WrappersMP.APPLY_MODEL, WRAPPER_KEY)
+    patched.remove_wrappers_with_key(WrappersMP.OUTER_SAMPLE, WRAPPER_KEY)
     options = patched.model_options.setdefault("transformer_options", {})
     patches = options.get("patches") or {}
     chain = patches.get("attn1_patch") or []
@@ -297,15 +351,15 @@ def remove_todo(patched) -> None:
         kept = [p for p in chain if not isinstance(p, ToDoAttn1Patch)]
         options["patches"] = {**patches, "attn1_patch": kept}
     existing = options.get(OVERRIDE_KEY)
-    if isinstance(existing, ToDoAttentionOverride):
+    if isinstance(existing, TODO_OVERRIDES):
         if existing.inner is None:
             del options[OVERRIDE_KEY]
         else:
             options[OVERRIDE_KEY] = existing.inner
 
 
-def add_dit_override(patched, override: ToDoAttentionOverride) -> None:
-    """Register the DiT override on a cloned model, keeping another pack's override inside it.
+def add_dit_override(patched, override: ToDoAttentionOverride | ToDoUNetAttention) -> None:
+    """Register ToDo's attention override on a cloned model, keeping another pack's override inside it.
 
     An earlier ToDo override has already been taken off by :func:`remove_todo`.
     """
@@ -346,6 +400,23 @@ def flag_not_image_attention(patched, family: DiTFamily) -> None:
             continue
         patched.add_object_patch(f"diffusion_model.{name}.forward", CrossAttentionFlag(original))
         flagged.append(name)
+
+
+def flag_unet_cross_attention(patched) -> None:
+    """Object patches that flag a UNet's cross-attention calls for :class:`ToDoUNetAttention` (restored after sampling).
+
+    attn2 always attends to the text, and so does attn1 in blocks that disable self-attention.
+    """
+    from comfy.ldm.modules.attention import BasicTransformerBlock
+
+    for name, module in patched.get_model_object("diffusion_model").named_modules():
+        if not isinstance(module, BasicTransformerBlock):
+            continue
+        for attribute in ("attn1", "attn2") if module.disable_self_attn else ("attn2",):
+            attention = getattr(module, attribute, None)
+            if attention is not None:
+                original = type(attention).forward.__get__(attention)
+                patched.add_object_patch(f"diffusion_model.{name}.{attribute}.forward", CrossAttentionFlag(original))
 
 
 def block_counts(model, family: DiTFamily) -> dict[str, int]:
@@ -399,6 +470,7 @@ class ToDoModelCall:
     - UNets: ToDo's attn1 patch last in the chain, blocks whose attn1 another patch replaces.
     - DiTs: ToDo's attention override back around one that a node applied after ToDo wrote over it (some
       SageAttention patch nodes write the slot without keeping what was there).
+    - Fidelity mode and the error report: the render's calibration, the call's noise band and its branch.
 
     The same facts are published for code that torch.compile traces (:class:`ModelCall`).
     """
@@ -409,15 +481,19 @@ class ToDoModelCall:
         end_percent: float,
         family: DiTFamily | None,
         settings: int | None = None,
-        override: ToDoAttentionOverride | None = None,
+        override: ToDoAttentionOverride | ToDoUNetAttention | None = None,
+        store: CalibrationStore | None = None,
     ) -> None:
         self.start_percent = start_percent
         self.end_percent = end_percent
         self.family = family
         self.settings = settings
         self.override = override
+        self.store = store
         self._window: tuple[weakref.ref, weakref.ref, SigmaWindow | None] | None = None
         """The window of the last render: weak references to its sigmas and model sampling, and the window."""
+        self._bands: tuple[weakref.ref, weakref.ref, NoiseBands] | None = None
+        """The noise bands of the last render, kept as the window is."""
 
     def __repr__(self) -> str:
         family = self.family.name if self.family else "unet"
@@ -430,6 +506,8 @@ class ToDoModelCall:
         recorded = {LATENT_INFO_KEY: latent} if latent is not None else {}
         if not in_window:
             recorded[IN_WINDOW_KEY] = False
+        elif self.store is not None:
+            recorded[CALIBRATION_KEY] = self.call_calibration(executor.class_obj.model_sampling, args, kwargs)
 
         def prepare(options: dict) -> dict:
             prepared = options if self.family is not None else prepare_unet_options(options)
@@ -452,6 +530,22 @@ class ToDoModelCall:
             return True
         return window.contains(float(sigmas.reshape(-1)[0]))
 
+    def call_calibration(self, model_sampling, args: tuple, kwargs: dict) -> CallCalibration:
+        """The render's calibration with this call's noise band (one host read of the sigma) and branch."""
+        options = _transformer_options(args, kwargs)
+        render = options.get("sample_sigmas")
+        cached = self._bands
+        if cached is not None and render is not None and cached[0]() is render and cached[1]() is model_sampling:
+            bands = cached[2]
+        else:
+            bands = NoiseBands.of(model_sampling.percent_to_sigma)
+            if render is not None:
+                self._bands = (weakref.ref(render), weakref.ref(model_sampling), bands)
+        sigmas = args[SIGMA_ARG] if len(args) > SIGMA_ARG else kwargs.get("t")
+        band = bands.band(float(sigmas.reshape(-1)[0])) if sigmas is not None else 0
+        branch = tuple(options.get("cond_or_uncond") or ())
+        return CallCalibration(self.store.current(), band, branch)
+
     def window(self, model_sampling, render) -> SigmaWindow | None:
         """The window on ``model_sampling``'s schedule, converted once per render (``render``: its sigmas tensor).
 
@@ -469,7 +563,7 @@ class ToDoModelCall:
     def keep_override(self, options: dict) -> dict:
         """``options`` with ToDo's override around whatever override a later node wrote over it."""
         current = options.get(OVERRIDE_KEY)
-        if isinstance(current, ToDoAttentionOverride) or getattr(current, HOLDS_TODO_ATTRIBUTE, False):
+        if isinstance(current, TODO_OVERRIDES) or getattr(current, HOLDS_TODO_ATTRIBUTE, False):
             return options
         warn_once(
             "override-displaced",
@@ -490,6 +584,24 @@ class ToDoModelCall:
             shape = tuple(packed[0])
         text_length = context.shape[1] if context is not None and context.ndim == 3 else 0
         return self.family.latent_info(shape, text_length, kwargs)
+
+
+class ToDoRender:
+    """Keyed sampling wrapper of fidelity mode and the error report: one calibration per sampling run, reported
+    when the run ends (the decisions are made during the run and forgotten after it)."""
+
+    def __init__(self, store: CalibrationStore) -> None:
+        self.store = store
+
+    def __repr__(self) -> str:
+        return f"ToDoRender({self.store.label})"
+
+    def __call__(self, executor, *args, **kwargs):
+        calibration = self.store.open()
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            self.store.close(calibration)
 
 
 def count_text_added_by_input_patches(options: dict) -> dict:

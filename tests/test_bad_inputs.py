@@ -15,10 +15,12 @@ ACCEPTED = [
     *[(name, value) for name in FACTORS for value in (1.0, 1, 1.25, 8.0, 8)],
     *[(name, value) for name in ("start_percent", "end_percent") for value in (0.0, 1.0)],
     *[("native_resolution", value) for value in (0, 64, 1024, 8192)],
-    *[("mode", value) for value in ("auto", "manual")],
+    *[("mode", value) for value in ("auto", "manual", "fidelity")],
     *[("method", v) for v in ("nearest", "avg_pool", "max_pool", "area", "bilinear", "bicubic", "nearest-exact")],
     *[("temporal_factor", value) for value in (1.0, 1, 2.5, 8.0)],
     *[("dit_blocks", v) for v in ("all", "", " ALL ", "double", "single:0-19", "double, single:5", "0-9, 30", "7")],
+    *[("max_error", value) for value in (0.001, 0.03, 0.5)],
+    *[("report_error", value) for value in (True, False)],
 ]  # fmt: skip
 NON_FINITE = (math.nan, math.inf, -math.inf)
 REFUSED = [
@@ -29,6 +31,8 @@ REFUSED = [
     ("method", "nearest-ish"), ("method", "NEAREST"), ("method", 0), ("method", ""),
     *[("temporal_factor", value) for value in (0.0, 0.999, 8.001, -1.0, *NON_FINITE, "2", True)],
     *[("dit_blocks", v) for v in ("doubles", "3-1", "a-b", "1,,2", "-1", "single:0-", 5, ["all"])],
+    *[("max_error", value) for value in (0.0, 0.0009, 0.501, 1.0, -0.03, *NON_FINITE, "0.03", True)],
+    *[("report_error", value) for value in ("yes", 1, 0, 1.0)],
 ]  # fmt: skip
 
 
@@ -74,7 +78,7 @@ API_REFUSED = [
     ("depth_1_factor", 8.5), ("depth_2_factor", -1.0), ("depth_3_factor", "abc"), ("depth_1_factor", math.nan),
     ("start_percent", 1.5), ("end_percent", "inf"), ("native_resolution", 8193), ("native_resolution", 32),
     ("native_resolution", "many"), ("mode", "fast"), ("mode", 3), ("method", None),
-    ("temporal_factor", 9.0), ("dit_blocks", "tripple"),
+    ("temporal_factor", 9.0), ("dit_blocks", "tripple"), ("max_error", 0.9), ("mode", "Fidelity"),
 ]  # fmt: skip
 
 

@@ -42,7 +42,7 @@ def test_loads_through_comfyui_loader_with_its_inputs(node):
         "native_resolution",
     ]
     optional = info["input"]["optional"]  # added later: API prompts without them stay valid
-    assert list(optional) == ["dit_blocks", "temporal_factor"]
+    assert list(optional) == ["dit_blocks", "temporal_factor", "max_error", "report_error"]
     for name, (_, options) in {**required, **optional}.items():
         assert options.get("tooltip"), f"input {name} has no tooltip"
     assert all(info["output_tooltips"])

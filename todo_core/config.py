@@ -24,6 +24,9 @@ MIN_NATIVE_RESOLUTION, MAX_NATIVE_RESOLUTION = 64, 8192
 DEFAULT_MANUAL_FACTORS = (2.0, 1.0, 1.0)
 """Manual mode's factors for depths 1-3: halve the side where attention is most expensive."""
 DEFAULT_NATIVE_RESOLUTION = 512
+MIN_MAX_ERROR, MAX_MAX_ERROR = 0.001, 0.5
+DEFAULT_MAX_ERROR = 0.03
+"""Fidelity mode's budget: relative error of each layer's attention output on the sampled query rows."""
 LATENT_SCALE = 8
 """Pixels per latent cell for every SD-family VAE."""
 
@@ -35,6 +38,8 @@ class FactorMode(str, Enum):
     """Per grid: reduce K/V to at most the token count the model was trained with at that depth."""
     MANUAL = "manual"
     """Fixed factor per depth, whatever the image size."""
+    FIDELITY = "fidelity"
+    """Per layer, grid and noise band: the largest factor whose measured attention error is within ``max_error``."""
 
     @classmethod
     def parse(cls, name: str | FactorMode) -> FactorMode:
@@ -98,6 +103,10 @@ class ToDoConfig:
     """Training resolution in pixels; sets the auto mode's token budget per depth."""
     temporal_factor: float = 1.0
     """Video DiTs: keys/values reduced along time too (1 = every frame kept)."""
+    max_error: float = DEFAULT_MAX_ERROR
+    """Fidelity mode: the relative attention-output error each layer may cause."""
+    report_error: bool = False
+    """Auto and manual modes: measure the error the factors cause and report it once per render."""
 
     @classmethod
     def create(
@@ -111,6 +120,8 @@ class ToDoConfig:
         end_percent: float = 1.0,
         native_resolution: int = DEFAULT_NATIVE_RESOLUTION,
         temporal_factor: float = 1.0,
+        max_error: float = DEFAULT_MAX_ERROR,
+        report_error: bool = False,
     ) -> ToDoConfig:
         """Validate raw node inputs; every error names the input and its allowed range."""
         factors = tuple(
@@ -125,7 +136,20 @@ class ToDoConfig:
         if native != int(native):
             raise ConfigError(f"native_resolution must be a whole number of pixels; got {native:g}")
         temporal = _check_range("temporal_factor", temporal_factor, MIN_FACTOR, MAX_FACTOR)
-        return cls(FactorMode.parse(mode), factors, DownsampleMethod.parse(method), start, end, int(native), temporal)
+        budget = _check_range("max_error", max_error, MIN_MAX_ERROR, MAX_MAX_ERROR)
+        if not isinstance(report_error, bool):
+            raise ConfigError(f"report_error must be true or false; got {report_error!r}")
+        return cls(
+            FactorMode.parse(mode),
+            factors,
+            DownsampleMethod.parse(method),
+            start,
+            end,
+            int(native),
+            temporal,
+            budget,
+            report_error,
+        )
 
     @property
     def native_latent_side(self) -> int:
@@ -134,6 +158,11 @@ class ToDoConfig:
     @property
     def covers_whole_schedule(self) -> bool:
         return self.start_percent <= 0.0 and self.end_percent >= 1.0
+
+    @property
+    def measures(self) -> bool:
+        """True when attention calls measure their error: fidelity mode, or a report asked for."""
+        return self.mode is FactorMode.FIDELITY or self.report_error
 
     @property
     def is_identity(self) -> bool:
@@ -145,7 +174,7 @@ class ToDoConfig:
         return ceil_side(self.native_latent_side, depth) ** 2
 
     def factor_for(self, grid: TokenGrid) -> float:
-        """Downsample factor for one grid (1.0 = leave it alone)."""
+        """Downsample factor for one grid (1.0 = leave it alone); fidelity mode's fallback is auto's factor."""
         if grid.depth > CONFIGURABLE_DEPTHS:
             return 1.0
         if self.mode is FactorMode.MANUAL:

@@ -30,8 +30,18 @@ from typing import Any
 
 import torch
 
+from .calibrate import (
+    SAMPLED_ROWS,
+    CallCalibration,
+    DecisionKey,
+    SampledQueries,
+    calibrated_factor,
+    call_calibration,
+    sample_rows,
+    stable_seed,
+)
 from .choices import ConfigError
-from .config import ToDoConfig
+from .config import FactorMode, ToDoConfig
 from .downsample import nearest_indices, nearest_rows, output_side, output_tokens
 from .families import (
     DIT_FAMILIES,
@@ -390,10 +400,54 @@ class ToDoAttentionOverride:
                 )
             return None
         factor, temporal_factor = self.factor_for(layout), self.temporal_factor_for(layout)
+        call = call_calibration(options)
+        if call is not None:
+            factor = self._calibrated(call, args, kwargs, layout, factor, temporal_factor, options)
         kept = output_side(layout.frames, temporal_factor) * output_tokens(layout.height, layout.width, factor, factor)
         if kept == layout.image_tokens:
             return None  # as on UNets, a factor that leaves one key per frame still acts
         return layout, factor, temporal_factor
+
+    def _calibrated(
+        self,
+        call: CallCalibration,
+        args: Sequence[Any],
+        kwargs: Mapping[str, Any],
+        layout: SequenceLayout,
+        factor: float,
+        temporal_factor: float,
+        options: Mapping[str, Any],
+    ) -> float:
+        """Fidelity mode's factor for this block, layout, band and branch, or ``factor`` with its error measured.
+
+        Measured on exactly what the reduced call computes: the same kept keys,
+        the same mass correction, the caller's own mask.
+        """
+        q, k, v, *rest = args
+        heads = rest[0] if rest else kwargs.get("heads")
+        mask = rest[1] if len(rest) >= 2 else kwargs.get("mask")
+        heads_split = bool(kwargs.get("skip_reshape", False))
+        sequence_dim = 2 if heads_split else 1
+        group, layer = call.layer_key(options)
+        grid = (layout.prefix, layout.frames, layout.height, layout.width, layout.suffix)
+        key = DecisionKey(group, layer, grid, call.band, call.branch)
+        seed = stable_seed(self.family.name, layer, grid)
+
+        def kept_keys(candidate: float) -> int:
+            kept_frames = output_side(layout.frames, temporal_factor)
+            kept_image = kept_frames * output_tokens(layout.height, layout.width, candidate, candidate)
+            return layout.prefix + layout.suffix + kept_image
+
+        def reduce(candidate: float):
+            return reduce_keys(k, v, mask, layout, candidate, sequence_dim, self.mass_correction, temporal_factor)
+
+        def queries() -> SampledQueries:
+            return SampledQueries.of(q, heads, heads_split, sample_rows(q.shape[sequence_dim], SAMPLED_ROWS, seed))
+
+        fidelity = self.config.mode is FactorMode.FIDELITY
+        return calibrated_factor(
+            call, key, fidelity, self.config.max_error, factor, queries, k, v, mask, reduce, kept_keys, layout.tokens
+        )
 
     def _block_selected(self, options: Mapping[str, Any]) -> bool:
         if self.blocks.is_all:

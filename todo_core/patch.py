@@ -189,20 +189,23 @@ class ToDoAttn1Patch:
             )
         return grid
 
-    def __call__(
-        self, q: Tokens, k: Tokens, v: Tokens, extra_options: Mapping[str, Any]
-    ) -> tuple[Tokens, Tokens, Tokens]:
+    def plan(self, q: Tokens, k: Tokens, v: Tokens, extra_options: Mapping[str, Any]) -> tuple[TokenGrid, float] | None:
+        """The grid and configured factor of this call, or ``None`` to leave it exactly as it is."""
         if not in_sigma_window(extra_options, self.settings):
-            return q, k, v
+            return None
         if _attn1_replaced(extra_options):
-            return q, k, v
+            return None
         grid = self.grid_for(q, k, v, extra_options)
         if grid is None:
-            return q, k, v
-        factor = self.config.factor_for(grid)
+            return None
+        return grid, self.config.factor_for(grid)
+
+    def reduce(
+        self, q: Tokens, k: Tokens, v: Tokens, grid: TokenGrid, factor: float, extra_options: Mapping[str, Any]
+    ) -> tuple[Tokens, Tokens, Tokens]:
+        """``(q, k, v)`` with K/V downsampled by ``factor`` on ``grid``; unchanged where queries are tiled unevenly."""
         if factor <= 1.0:
             return q, k, v
-
         # A previous patch that tiled q into T batches (HyperTile) makes the
         # attention backend view K/V as T contiguous chunks: keep that possible.
         tiles = q.shape[0] // k.shape[0]
@@ -219,6 +222,14 @@ class ToDoAttn1Patch:
         k_small = downsample_tokens(k, grid.height, grid.width, factor, factor, method)
         v_small = k_small if v is k else downsample_tokens(v, grid.height, grid.width, factor, factor, method)
         return q, k_small, v_small
+
+    def __call__(
+        self, q: Tokens, k: Tokens, v: Tokens, extra_options: Mapping[str, Any]
+    ) -> tuple[Tokens, Tokens, Tokens]:
+        plan = self.plan(q, k, v, extra_options)
+        if plan is None:
+            return q, k, v
+        return self.reduce(q, k, v, *plan, extra_options)
 
 
 def run_todo_last(transformer_options: dict[str, Any]) -> dict[str, Any]:

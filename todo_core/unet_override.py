@@ -1,0 +1,108 @@
+"""UNet self-attention through ComfyUI's attention override, where ToDo must see the projected keys.
+
+An attn1 patch receives the hidden states before the query/key/value
+projections, which is all auto and manual modes need (selecting tokens commutes
+with a per-token linear map). Measuring the attention error needs the
+projected queries and keys, so in fidelity mode, or when the error report is
+asked for, the node registers this override instead of the attn1 patch: it
+finds the grid, reduces the projected keys and values exactly as the patch
+would, and measures what that costs. Cross-attention modules are flagged by the
+node (:class:`~.dit.CrossAttentionFlag`): by shape alone a text context as long
+as the image cannot be told from self-attention.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .calibrate import (
+    SAMPLED_ROWS,
+    DecisionKey,
+    SampledQueries,
+    calibrated_factor,
+    call_calibration,
+    sample_rows,
+    stable_seed,
+)
+from .config import CONFIGURABLE_DEPTHS, FactorMode
+from .dit import APPLIED_KEY, CROSS_ATTENTION_KEY
+from .downsample import output_tokens
+from .grid import TokenGrid
+from .patch import ToDoAttn1Patch
+
+AttentionOverride = Callable[..., torch.Tensor]
+
+
+class ToDoUNetAttention:
+    """ComfyUI's ``optimized_attention_override`` for UNets: attn1's projected keys reduced, and measured.
+
+    Holds no state between calls; decisions live in the render's calibration,
+    which the node's model-call wrapper hands to each call. An override already
+    registered on the model is kept and called with the reduced keys.
+    """
+
+    passes_attention_masks = True
+    """It hands the caller's mask on as it is (see ``routes.PASSES_MASKS_ATTRIBUTE``)."""
+
+    def __init__(self, patch: ToDoAttn1Patch, inner: AttentionOverride | None = None) -> None:
+        self.patch = patch
+        self.config = patch.config
+        self.inner = inner
+        self.settings = patch.settings
+
+    def __repr__(self) -> str:
+        return f"ToDoUNetAttention({self.config})"
+
+    def with_inner(self, inner: AttentionOverride | None) -> ToDoUNetAttention:
+        return ToDoUNetAttention(self.patch, inner)
+
+    def _call(self, attention: AttentionOverride, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.inner is not None:
+            kwargs["transformer_options"] = {**(kwargs.get("transformer_options") or {}), APPLIED_KEY: True}
+            return self.inner(attention, *args, **kwargs)
+        return attention(*args, **kwargs)
+
+    def __call__(self, attention: AttentionOverride, *args: Any, **kwargs: Any) -> torch.Tensor:
+        options = kwargs.get("transformer_options") or {}
+        if options.get(APPLIED_KEY) or options.get(CROSS_ATTENTION_KEY) or len(args) < 4:
+            return self._call(attention, *args, **kwargs)
+        if kwargs.get("skip_reshape") or kwargs.get("mask") is not None or len(args) > 4:
+            return self._call(attention, *args, **kwargs)  # not a UNet attn1 call: those pass no mask
+        q, k, v, heads = args[:4]
+        plan = self.patch.plan(q, k, v, options)
+        if plan is None:
+            return self._call(attention, *args, **kwargs)
+        grid, factor = plan
+        call = call_calibration(options)
+        if call is not None and grid.depth <= CONFIGURABLE_DEPTHS:
+            factor = self._calibrated(call, q, k, v, heads, grid, factor, options)
+        q, k, v = self.patch.reduce(q, k, v, grid, factor, options)
+        return self._call(attention, q, k, v, heads, **kwargs)
+
+    def _calibrated(self, call, q, k, v, heads, grid: TokenGrid, factor: float, options) -> float:
+        layer = (tuple(options.get("block") or ()), int(options.get("block_index", 0)))
+        key = DecisionKey(("depth", grid.depth), layer, (grid.height, grid.width), call.band, call.branch)
+        rows = functools.partial(sample_rows, q.shape[1], SAMPLED_ROWS, stable_seed(layer, grid.height, grid.width))
+
+        def reduce(candidate: float) -> tuple[torch.Tensor, torch.Tensor, None]:
+            _, k_small, v_small = self.patch.reduce(q, k, v, grid, candidate, options)
+            return k_small, v_small, None
+
+        return calibrated_factor(
+            call,
+            key,
+            self.config.mode is FactorMode.FIDELITY,
+            self.config.max_error,
+            factor,
+            lambda: SampledQueries.of(q, heads, False, rows()),
+            k,
+            v,
+            None,
+            reduce,
+            lambda candidate: output_tokens(grid.height, grid.width, candidate, candidate),
+            grid.tokens,
+        )
