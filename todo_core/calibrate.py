@@ -25,6 +25,7 @@ import dataclasses
 import itertools
 import logging
 import math
+import time
 import zlib
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -246,6 +247,8 @@ class Calibration:
     decisions: dict[DecisionKey, Measurement] = field(default_factory=dict)
     calls: dict[DecisionKey, int] = field(default_factory=dict)
     failures: int = 0
+    seconds: float = 0.0
+    """Time spent measuring (host clock, around each measurement): the calibration's own cost."""
 
     def decide(
         self, key: DecisionKey, measure: Callable[[], Measurement], fallback: Callable[[], Measurement]
@@ -253,6 +256,7 @@ class Calibration:
         """The factor for ``key``: measured the first time, looked up after; ``fallback`` when measuring fails."""
         decision = self.decisions.get(key)
         if decision is None:
+            started = time.perf_counter()
             try:
                 decision = measure()
             except Exception as error:
@@ -265,6 +269,7 @@ class Calibration:
                         type(error).__name__,
                         error,
                     )
+            self.seconds += time.perf_counter() - started
             self.decisions[key] = decision
         self.calls[key] = self.calls.get(key, 0) + 1
         return decision.factor
@@ -283,7 +288,8 @@ class Calibration:
         budget = f" (max_error {self.max_error:.3g})" if self.max_error is not None else ""
         share = f"; keys kept {kept / total:.0%} of {total:,} over {sum(self.calls.values()):,} attention calls"
         fallback = f"; {self.failures} layer(s) not measurable, auto factor used" if self.failures else ""
-        return f"ToDo {self.mode}{budget}, {self.label}: " + "; ".join(parts) + share + fallback
+        cost = f"; measuring took {self.seconds:.2f} s"
+        return f"ToDo {self.mode}{budget}, {self.label}: " + "; ".join(parts) + share + fallback + cost
 
 
 Group = tuple[str, list[float], list[float], list[float]]
