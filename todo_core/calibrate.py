@@ -65,10 +65,10 @@ def sample_rows(n_rows: int, count: int, seed: int) -> torch.Tensor:
     if n_rows <= count:
         return torch.arange(n_rows)
     generator = torch.Generator().manual_seed(seed)
-    starts = torch.arange(count, dtype=torch.float64) * (n_rows / count)
-    widths = torch.full((count,), n_rows / count, dtype=torch.float64)
-    offsets = torch.rand(count, generator=generator, dtype=torch.float64) * widths
-    return (starts + offsets).floor().long().clamp_(max=n_rows - 1)
+    edges = torch.arange(count + 1, dtype=torch.int64) * n_rows // count
+    widths = (edges[1:] - edges[:-1]).double()
+    offsets = (torch.rand(count, generator=generator, dtype=torch.float64) * widths).long()
+    return edges[:-1] + offsets
 
 
 def split_heads(tokens: torch.Tensor, heads: int, heads_split: bool) -> torch.Tensor:
