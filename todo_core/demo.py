@@ -74,7 +74,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--model", choices=sorted(LAYOUTS), action="append", help="UNet layout (repeatable; default sd15 and sdxl)"
     )
     parser.add_argument("--size", type=parse_size, action="append", help="WIDTHxHEIGHT in pixels (repeatable)")
-    parser.add_argument("--mode", choices=[m.value for m in FactorMode], default=FactorMode.AUTO.value)
+    parser.add_argument(
+        "--mode",
+        choices=[FactorMode.AUTO.value, FactorMode.MANUAL.value],  # fidelity mode decides by measuring a real model
+        default=FactorMode.AUTO.value,
+    )
     parser.add_argument(
         "--factors",
         type=float,
