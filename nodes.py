@@ -306,8 +306,10 @@ class ToDoModelPatch(io.ComfyNode):
             settings = override.settings
             flag_not_image_attention(patched, family)
             warn_about_unknown_blocks(patched, family, blocks)
-        elif config.measures:  # measuring needs the projected keys: the attention override, not an attn1 patch
-            override = ToDoUNetAttention(ToDoAttn1Patch(config))
+        elif config.measures:  # measuring needs the projected keys: the attention override, beside the patch
+            attention = ToDoAttn1Patch(config)
+            patched.set_model_attn1_patch(attention)
+            override = ToDoUNetAttention(attention)
             add_dit_override(patched, override)
             settings = override.settings
             flag_unet_cross_attention(patched)

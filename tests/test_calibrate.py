@@ -402,3 +402,25 @@ def test_the_dit_override_holds_the_budget_with_mass_correction_and_the_callers_
     )
     assert relative_error(out[:, rows].double(), exact[:, rows].double()) <= 0.05 + 1e-4
     assert relative_error(out.double(), exact.double()) <= 0.05 * 1.3  # and, here, on all rows
+
+
+def test_the_attn1_patch_leaves_undecided_layers_to_the_override_and_reduces_decided_ones():
+    """Measured once on the projected keys, a layer is reduced before the projections on every later call."""
+    height, width = 24, 32
+    q, k, v = local_layer(height, width, 40.0)
+    patch = ToDoAttn1Patch(ToDoConfig.create(mode="fidelity", max_error=0.03))
+    override = ToDoUNetAttention(patch)
+    calibration = Calibration("SD15 UNet", "fidelity", 0.03)
+    options = unet_options(height, width, calibration)
+    hidden = q  # the hidden states before the projections (any [B, N, C] tokens)
+    assert patch(hidden, hidden, hidden, options) == (hidden, hidden, hidden)  # undecided: every key kept
+    override(sdpa_attention, q, k, v, 2, transformer_options=options)  # the first call measures and decides
+    (key_, decision) = next(iter(calibration.decisions.items()))
+    assert decision.factor > 1 and calibration.calls[key_] == 1
+    _, k_small, _ = patch(hidden, hidden, hidden, options)
+    assert torch.equal(k_small, downsample_tokens(hidden, height, width, decision.factor))
+    assert calibration.calls[key_] == 2
+    reduced = override(sdpa_attention, q, k_small, k_small, 2, transformer_options=options)
+    assert torch.equal(reduced, sdpa_attention(q, k_small, k_small, 2)) and calibration.calls[key_] == 2
+    other_band = unet_options(height, width, calibration, band=2)
+    assert patch(hidden, hidden, hidden, other_band) == (hidden, hidden, hidden)  # a new band is measured again

@@ -274,6 +274,14 @@ class Calibration:
         self.calls[key] = self.calls.get(key, 0) + 1
         return decision.factor
 
+    def lookup(self, key: DecisionKey) -> float | None:
+        """The factor decided for ``key``, counted as one more call; ``None`` while it is not decided yet."""
+        decision = self.decisions.get(key)
+        if decision is None:
+            return None
+        self.calls[key] = self.calls.get(key, 0) + 1
+        return decision.factor
+
     def report(self) -> str | None:
         """One line: factor and error per depth or block range, and the keys kept over every counted call."""
         if not self.decisions:
@@ -406,6 +414,12 @@ class CallCalibration:
         else:
             block_type = options.get("block_type")
         return (block_type, int(index)), (block_type, int(index))
+
+
+def unet_key(call: CallCalibration, options: Mapping[str, Any], height: int, width: int, depth: int) -> DecisionKey:
+    """The decision key of a UNet attn1 call: the same from the attn1 patch's options and the override's."""
+    layer = (tuple(options.get("block") or ()), int(options.get("block_index", 0)))
+    return DecisionKey(("depth", depth), layer, (height, width), call.band, call.branch)
 
 
 def call_calibration(options: Mapping[str, Any]) -> CallCalibration | None:

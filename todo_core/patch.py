@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .config import ToDoConfig
+from .calibrate import call_calibration, unet_key
+from .config import CONFIGURABLE_DEPTHS, ToDoConfig
 from .downsample import downsample_tokens, output_tokens
 from .grid import TokenGrid, resolve_grid
 from .memo import is_compiling
@@ -229,7 +230,15 @@ class ToDoAttn1Patch:
         plan = self.plan(q, k, v, extra_options)
         if plan is None:
             return q, k, v
-        return self.reduce(q, k, v, *plan, extra_options)
+        grid, factor = plan
+        if self.config.measures and grid.depth <= CONFIGURABLE_DEPTHS:
+            call = call_calibration(extra_options)
+            if call is not None:
+                decided = call.calibration.lookup(unet_key(call, extra_options, grid.height, grid.width, grid.depth))
+                if decided is None:
+                    return q, k, v  # ToDo's attention override measures this layer on its projected keys first
+                factor = decided
+        return self.reduce(q, k, v, grid, factor, extra_options)
 
 
 def run_todo_last(transformer_options: dict[str, Any]) -> dict[str, Any]:

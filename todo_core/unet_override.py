@@ -4,9 +4,12 @@ An attn1 patch receives the hidden states before the query/key/value
 projections, which is all auto and manual modes need (selecting tokens commutes
 with a per-token linear map). Measuring the attention error needs the
 projected queries and keys, so in fidelity mode, or when the error report is
-asked for, the node registers this override instead of the attn1 patch: it
-finds the grid, reduces the projected keys and values exactly as the patch
-would, and measures what that costs. Cross-attention modules are flagged by the
+asked for, the node registers this override beside the attn1 patch. The first
+call of each layer, grid, band and branch in a render reaches it with every
+key (the patch leaves undecided layers alone): it measures, decides, and
+reduces the projected keys and values exactly as the patch would. Every later
+call of that layer is reduced by the patch, before the projections, and passes
+through here untouched. Cross-attention modules are flagged by the
 node (:class:`~.dit.CrossAttentionFlag`): by shape alone a text context as long
 as the image cannot be told from self-attention.
 """
@@ -21,12 +24,12 @@ import torch
 
 from .calibrate import (
     SAMPLED_ROWS,
-    DecisionKey,
     SampledQueries,
     calibrated_factor,
     call_calibration,
     sample_rows,
     stable_seed,
+    unet_key,
 )
 from .config import CONFIGURABLE_DEPTHS, FactorMode
 from .dit import APPLIED_KEY, CROSS_ATTENTION_KEY
@@ -73,6 +76,8 @@ class ToDoUNetAttention:
         if kwargs.get("skip_reshape") or kwargs.get("mask") is not None or len(args) > 4:
             return self._call(attention, *args, **kwargs)  # not a UNet attn1 call: those pass no mask
         q, k, v, heads = args[:4]
+        if q.shape[1] != k.shape[1]:
+            return self._call(attention, *args, **kwargs)  # the attn1 patch reduced it already (a decided layer)
         plan = self.patch.plan(q, k, v, options)
         if plan is None:
             return self._call(attention, *args, **kwargs)
@@ -84,9 +89,8 @@ class ToDoUNetAttention:
         return self._call(attention, q, k, v, heads, **kwargs)
 
     def _calibrated(self, call, q, k, v, heads, grid: TokenGrid, factor: float, options) -> float:
-        layer = (tuple(options.get("block") or ()), int(options.get("block_index", 0)))
-        key = DecisionKey(("depth", grid.depth), layer, (grid.height, grid.width), call.band, call.branch)
-        rows = functools.partial(sample_rows, q.shape[1], SAMPLED_ROWS, stable_seed(layer, grid.height, grid.width))
+        key = unet_key(call, options, grid.height, grid.width, grid.depth)
+        rows = functools.partial(sample_rows, q.shape[1], SAMPLED_ROWS, stable_seed(key.layer, grid.height, grid.width))
 
         def reduce(candidate: float) -> tuple[torch.Tensor, torch.Tensor, None]:
             _, k_small, v_small = self.patch.reduce(q, k, v, grid, candidate, options)
