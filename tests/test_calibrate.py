@@ -200,9 +200,28 @@ def test_the_largest_candidate_within_the_budget_wins_even_past_a_failing_one():
     kept = lambda factor: round(1000 / factor**2)  # noqa: E731
     choice = choose_factor(queries, k, v, None, reduce, CANDIDATE_FACTORS, 0.03, kept, 1000)
     assert choice.factor == 3.0 and choice.error == pytest.approx(0.025, rel=1e-4)
-    assert choice.rejected_error == pytest.approx(0.05, rel=1e-4) and choice.kept == 111
+    assert choice.rejected_error == pytest.approx(0.2, rel=1e-4) and choice.kept == 111  # 4 would cost 20 %
     none = choose_factor(queries, k, v, None, reduce, CANDIDATE_FACTORS, 0.005, kept, 1000)
     assert (none.factor, none.error, none.kept) == (1.0, 0.0, 1000)
+    assert none.rejected_error == pytest.approx(0.01, rel=1e-4)
+
+
+def test_between_factors_that_keep_as_many_keys_the_smaller_error_wins():
+    errors = {1.5: 0.01, 2.0: 0.02, 2.5: 0.025, 3.0: 0.5, 4.0: 0.029, 5.0: 0.021, 6.0: 0.5, 8.0: 0.5}
+    queries, k, v, reduce = scaled_values(errors)
+    kept = {
+        1.0: 144,
+        1.5: 64,
+        2.0: 36,
+        2.5: 25,
+        3.0: 16,
+        4.0: 9,
+        5.0: 9,
+        6.0: 4,
+        8.0: 4,
+    }.__getitem__  # a side of 12 (4 and 5)
+    choice = choose_factor(queries, k, v, None, reduce, CANDIDATE_FACTORS, 0.03, kept, 144)
+    assert (choice.factor, choice.kept) == (5.0, 9) and choice.error == pytest.approx(0.021, rel=1e-4)
 
 
 def test_factor_one_is_measured_when_a_temporal_factor_still_reduces():
@@ -424,3 +443,39 @@ def test_the_attn1_patch_leaves_undecided_layers_to_the_override_and_reduces_dec
     assert torch.equal(reduced, sdpa_attention(q, k_small, k_small, 2)) and calibration.calls[key_] == 2
     other_band = unet_options(height, width, calibration, band=2)
     assert patch(hidden, hidden, hidden, other_band) == (hidden, hidden, hidden)  # a new band is measured again
+
+
+@pytest.mark.parametrize("mask_kind", [None, "bool", "float"])
+def test_measuring_key_subsets_on_the_exact_scores_equals_attending_over_the_reduced_keys(mask_kind):
+    """The one-pass measurement (columns of the exact scores) against the reduced call's own keys and mask."""
+    from todo_core.dit import SequenceLayout, reduce_keys, select_keys
+
+    layout = SequenceLayout(5, 1, 9, 13, 3)
+    generator = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 4, layout.tokens, 8, generator=generator) for _ in range(3))
+    mask = None
+    if mask_kind == "bool":
+        mask = torch.rand(2, 1, 1, layout.tokens, generator=generator) > 0.1
+        mask[..., layout.prefix :] = True
+    elif mask_kind == "float":
+        mask = torch.randn(2, 1, layout.tokens, layout.tokens, generator=generator)
+    queries = SampledQueries.of(q, 4, True, sample_rows(layout.tokens, 32, 0))
+    factors = [1.5, 2.0, 2.5, 3.0, 4.0]
+    selections = []
+    for factor in factors:
+        kept = select_keys(layout, factor, k.device)
+        selections.append((kept.indices, kept.log_group_size))
+    fast = queries.selection_errors(k, v, mask, selections)
+    exact = queries.attend(k, v, mask)
+    for factor, error in zip(factors, fast, strict=True):
+        k_small, v_small, mask_small = reduce_keys(k, v, mask, layout, factor, 2)
+        assert error == pytest.approx(relative_error(queries.attend(k_small, v_small, mask_small), exact), rel=1e-4)
+
+
+def test_unet_nearest_positions_are_the_tokens_the_patch_keeps():
+    from todo_core.dit import SequenceLayout, select_keys
+
+    tokens = torch.arange(35 * 47, dtype=torch.float32).view(1, -1, 1)
+    for factor in CANDIDATE_FACTORS:
+        positions = select_keys(SequenceLayout(0, 1, 35, 47, 0), factor, tokens.device).indices
+        assert torch.equal(downsample_tokens(tokens, 35, 47, factor).view(-1).long(), positions)

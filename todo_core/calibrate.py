@@ -48,6 +48,9 @@ MAX_SCORE_ELEMENTS = 1 << 24
 
 Reduction = Callable[[float], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
 """Factor -> (keys, values, mask) of the reduced call, in the caller's own layout."""
+Selection = Callable[[float], tuple[torch.Tensor, torch.Tensor | None]]
+"""Factor -> (positions of the kept keys, ``log(group size)`` added to their logits or None), for reductions that
+keep a subset of the keys (nearest sampling): their scores are columns of the exact scores, computed once."""
 
 
 def stable_seed(*parts: Hashable) -> int:
@@ -133,6 +136,47 @@ class SampledQueries:
             outputs.append(scores.softmax(dim=-1) @ v_heads[:, first:last].float())
         return torch.cat(outputs, dim=1)
 
+    def selection_errors(
+        self,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        mask: torch.Tensor | None,
+        selections: Sequence[tuple[torch.Tensor, torch.Tensor | None]],
+    ) -> list[float]:
+        """Relative error of attention over each subset of the keys, from one pass over the exact scores.
+
+        The same numbers as :meth:`attend` on the reduced keys and mask, at a
+        fraction of the cost: the kept keys' scores are columns of the exact
+        scores, so no candidate copies or multiplies the full keys again.
+        """
+        k_heads, v_heads = split_heads(k, self.heads, self.heads_split), split_heads(v, self.heads, self.heads_split)
+        if k_heads.shape[0] != self.q.shape[0]:
+            raise ValueError("queries and keys have different batch sizes (tiled queries)")
+        bias = mask_bias(mask, self.rows)
+        scale = self.q.shape[-1] ** -0.5
+        batch, heads, rows, _ = self.q.shape
+        chunk = max(1, MAX_SCORE_ELEMENTS // max(1, batch * rows * k_heads.shape[2]))
+        squared = torch.zeros(len(selections), dtype=torch.float64, device=self.q.device)
+        norm = torch.zeros((), dtype=torch.float64, device=self.q.device)
+        for first in range(0, heads, chunk):
+            last = min(heads, first + chunk)
+            values = v_heads[:, first:last].float()
+            scores = self.q[:, first:last] @ k_heads[:, first:last].float().transpose(-1, -2) * scale
+            if bias is not None:
+                scores = scores + (bias if bias.shape[1] == 1 else bias[:, first:last])
+            exact = scores.softmax(dim=-1) @ values
+            norm += exact.double().square().sum()
+            for index, (kept, log_group) in enumerate(selections):
+                kept = kept.to(scores.device)
+                reduced = scores.index_select(-1, kept)
+                if log_group is not None:
+                    reduced = reduced + log_group.to(device=scores.device, dtype=scores.dtype)
+                out = reduced.softmax(dim=-1) @ values.index_select(2, kept)
+                squared[index] += (out - exact).double().square().sum()
+        if not torch.isfinite(norm) or norm == 0:
+            raise ValueError("exact attention output is zero or not finite")
+        return (squared / norm).sqrt().tolist()
+
 
 def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
     """``||approx - exact|| / ||exact||`` over every element: the benchmark's measure of attention fidelity."""
@@ -160,6 +204,28 @@ class Measurement:
     """Fidelity mode: the error of the smallest candidate above the budget (what a further reduction would cost)."""
 
 
+def candidate_errors(
+    queries: SampledQueries,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    reduce: Reduction,
+    selection: Selection | None,
+    factors: Sequence[float],
+) -> list[float]:
+    """Relative error of each factor on the sampled rows: by key subsets where the reduction selects keys."""
+    if not factors:
+        return []
+    if selection is not None:
+        return queries.selection_errors(k, v, mask, [selection(factor) for factor in factors])
+    exact = queries.attend(k, v, mask)
+    errors = []
+    for factor in factors:
+        k_small, v_small, mask_small = reduce(factor)
+        errors.append(relative_error(queries.attend(k_small, v_small, mask_small), exact))
+    return errors
+
+
 def choose_factor(
     queries: SampledQueries,
     k: torch.Tensor,
@@ -170,33 +236,29 @@ def choose_factor(
     max_error: float,
     kept_keys: Callable[[float], int],
     tokens: int,
+    selection: Selection | None = None,
 ) -> Measurement:
-    """The largest candidate whose error on the sampled rows is within ``max_error`` (1 when none is).
+    """The candidate that keeps the fewest keys with an error on the sampled rows within ``max_error`` (1 if none).
 
     ``kept_keys(factor)`` counts the keys a factor keeps out of ``tokens``.
     Every candidate is measured: the error need not grow monotonically with
     the factor (a factor that divides the grid can beat a smaller one that
     does not). Factor 1 still reduces where a temporal factor is set: it is
-    then measured too, and kept whatever its error.
+    then measured too, and kept whatever its error. ``selection``, where the
+    reduction keeps a subset of the keys, measures every candidate in one pass.
+    ``rejected_error`` is the smallest error among the candidates that would
+    have kept fewer keys: what a further reduction would cost.
     """
-    exact = queries.attend(k, v, mask)
-
-    def measured(factor: float) -> Measurement:
-        k_small, v_small, mask_small = reduce(factor)
-        error = relative_error(queries.attend(k_small, v_small, mask_small), exact)
-        return Measurement(factor, error, kept_keys(factor), tokens)
-
-    best = measured(1.0) if kept_keys(1.0) < tokens else Measurement(1.0, 0.0, tokens, tokens)
-    rejected: float | None = None
-    for factor in candidates:
-        if kept_keys(factor) >= best.kept:
-            continue  # keeps no fewer keys than a smaller factor that holds
-        candidate = measured(factor)
-        if candidate.error <= max_error:
-            best = candidate
-        elif rejected is None:
-            rejected = candidate.error
-    return dataclasses.replace(best, rejected_error=rejected)
+    measurable = [factor for factor in dict.fromkeys((1.0, *candidates)) if kept_keys(factor) < tokens]
+    errors = dict(zip(measurable, candidate_errors(queries, k, v, mask, reduce, selection, measurable), strict=True))
+    within = [factor for factor in candidates if factor in errors and errors[factor] <= max_error]
+    if within:  # the fewest keys; between factors that keep as many (4 and 5 on a side of 12), the smaller error
+        choice = min(within, key=lambda factor: (kept_keys(factor), errors[factor]))
+        best = Measurement(choice, errors[choice], kept_keys(choice), tokens)
+    else:
+        best = Measurement(1.0, errors.get(1.0, 0.0), kept_keys(1.0), tokens)
+    further = [errors[f] for f in candidates if f in errors and errors[f] > max_error and kept_keys(f) < best.kept]
+    return dataclasses.replace(best, rejected_error=min(further) if further else None)
 
 
 def measure_factor(
@@ -208,14 +270,14 @@ def measure_factor(
     factor: float,
     kept_keys: Callable[[float], int],
     tokens: int,
+    selection: Selection | None = None,
 ) -> Measurement:
     """The error a fixed factor causes (auto and manual modes, when asked to report it)."""
     kept = kept_keys(factor)
     if kept >= tokens:
         return Measurement(factor, 0.0, tokens, tokens)
-    exact = queries.attend(k, v, mask)
-    k_small, v_small, mask_small = reduce(factor)
-    return Measurement(factor, relative_error(queries.attend(k_small, v_small, mask_small), exact), kept, tokens)
+    (error,) = candidate_errors(queries, k, v, mask, reduce, selection, [factor])
+    return Measurement(factor, error, kept, tokens)
 
 
 @dataclass(frozen=True, slots=True)
@@ -441,6 +503,7 @@ def calibrated_factor(
     reduce: Reduction,
     kept_keys: Callable[[float], int],
     tokens: int,
+    selection: Selection | None = None,
 ) -> float:
     """The factor for one attention call: fidelity mode's choice, or ``factor`` with its error measured.
 
@@ -451,8 +514,10 @@ def calibrated_factor(
     def measure() -> Measurement:
         sampled = queries()
         if fidelity:
-            return choose_factor(sampled, k, v, mask, reduce, CANDIDATE_FACTORS, max_error, kept_keys, tokens)
-        return measure_factor(sampled, k, v, mask, reduce, factor, kept_keys, tokens)
+            return choose_factor(
+                sampled, k, v, mask, reduce, CANDIDATE_FACTORS, max_error, kept_keys, tokens, selection
+            )
+        return measure_factor(sampled, k, v, mask, reduce, factor, kept_keys, tokens, selection)
 
     def fallback() -> Measurement:
         return Measurement(factor, 0.0, kept_keys(factor), tokens, measured=False)

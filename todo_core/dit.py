@@ -441,12 +441,28 @@ class ToDoAttentionOverride:
         def reduce(candidate: float):
             return reduce_keys(k, v, mask, layout, candidate, sequence_dim, self.mass_correction, temporal_factor)
 
+        def selection(candidate: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+            kept = select_keys(layout, candidate, k.device, torch.float32, temporal_factor)
+            return kept.indices, kept.log_group_size if self.mass_correction and not kept.uniform else None
+
         def queries() -> SampledQueries:
             return SampledQueries.of(q, heads, heads_split, sample_rows(q.shape[sequence_dim], SAMPLED_ROWS, seed))
 
         fidelity = self.config.mode is FactorMode.FIDELITY
         return calibrated_factor(
-            call, key, fidelity, self.config.max_error, factor, queries, k, v, mask, reduce, kept_keys, layout.tokens
+            call,
+            key,
+            fidelity,
+            self.config.max_error,
+            factor,
+            queries,
+            k,
+            v,
+            mask,
+            reduce,
+            kept_keys,
+            layout.tokens,
+            selection,
         )
 
     def _block_selected(self, options: Mapping[str, Any]) -> bool:

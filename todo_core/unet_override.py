@@ -32,8 +32,9 @@ from .calibrate import (
     unet_key,
 )
 from .config import CONFIGURABLE_DEPTHS, FactorMode
-from .dit import APPLIED_KEY, CROSS_ATTENTION_KEY
-from .downsample import output_tokens
+from .dit import APPLIED_KEY, CROSS_ATTENTION_KEY, select_keys
+from .downsample import DownsampleMethod, output_tokens
+from .families import SequenceLayout
 from .grid import TokenGrid
 from .patch import ToDoAttn1Patch
 
@@ -96,6 +97,13 @@ class ToDoUNetAttention:
             _, k_small, v_small = self.patch.reduce(q, k, v, grid, candidate, options)
             return k_small, v_small, None
 
+        selection = None
+        if self.config.method is DownsampleMethod.NEAREST:  # the same tokens as the patch keeps, as positions
+            layout = SequenceLayout(0, 1, grid.height, grid.width, 0)
+
+            def selection(candidate: float) -> tuple[torch.Tensor, None]:
+                return select_keys(layout, candidate, k.device).indices, None
+
         return calibrated_factor(
             call,
             key,
@@ -109,4 +117,5 @@ class ToDoUNetAttention:
             reduce,
             lambda candidate: output_tokens(grid.height, grid.width, candidate, candidate),
             grid.tokens,
+            selection,
         )
