@@ -397,15 +397,25 @@ class CallCalibration:
     branch: tuple
     ordinal: Iterator[int] = field(default_factory=itertools.count)
     """Numbers the measured calls of this model call in order: the layer name of models without block indices."""
+    seen: dict[tuple, int] = field(default_factory=dict)
+    """Measured calls of this model call per block type and index: Wan VACE's blocks run under the index of the
+    main block they follow, and each is a layer of its own."""
 
     def layer_key(self, options: Mapping[str, Any]) -> tuple[tuple, tuple]:
-        """(report group, layer) of a DiT call: its block type and index, or its place in the model call."""
+        """(report group, layer) of a DiT call: its block type and index, or its place in the model call.
+
+        A later call under a block index already met in this model call (another layer reporting the same index)
+        is a layer of its own: its place among them is added to the index.
+        """
         index = options.get("block_index")
         if index is None:
             index, block_type = next(self.ordinal), None
         else:
             block_type = options.get("block_type")
-        return (block_type, int(index)), (block_type, int(index))
+        group = (block_type, int(index))
+        occurrence = self.seen.get(group, 0)
+        self.seen[group] = occurrence + 1
+        return group, group if occurrence == 0 else (*group, occurrence)
 
 
 def call_calibration(options: Mapping[str, Any]) -> CallCalibration | None:
