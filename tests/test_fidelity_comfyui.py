@@ -559,9 +559,35 @@ def test_report_error_measures_the_configured_factors_and_reports_once(node, sd1
         assert decision.factor == expected[key.group[1]], (key, decision)
         assert (decision.error > 0) == (decision.factor > 1)
     assert any(e.factor > 1 for e, _ in pairs)
-    # The override path projects the whole sequence, then selects keys; the attn1 patch selects, then projects.
-    torch.testing.assert_close(reported, plain, rtol=0, atol=1e-5)
-    assert float((reported - plain).abs().max()) <= 1e-5
+    # The override path projects the whole sequence, then selects keys; the attn1 patch selects, then projects:
+    # nearest selection commutes with the bias-free projection exactly.
+    assert torch.equal(reported, plain)
+
+
+LINEAR_METHOD_TOLERANCE = 5e-4
+"""Largest difference the report may make with a linear downsampling method: measured 1.5e-4 on the tiny SD1.5
+(pooling then projecting, or projecting then pooling, sums in another order), against 7e-4 to 4e-3 for ToDo's own
+effect on the same render."""
+
+
+@pytest.mark.parametrize("method", ["nearest-exact", "avg_pool", "area", "bilinear", "bicubic", "max_pool"])
+def test_report_error_with_each_downsampling_method(node, sd15, method):
+    """Linear methods commute with the key and value projections (up to rounding); max pooling does not.
+
+    Known limitation: with ``max_pool`` the report (and fidelity mode) pools the projected keys and values, not
+    the hidden states as the attn1 patch does, so asking for the report changes the render by more than the
+    rounding of the other methods (measured 0.034 against ToDo's own 0.025 on this render).
+    """
+    inputs = {"mode": "manual", "depth_1_factor": 2.0, "depth_2_factor": 3.0, "depth_3_factor": 1.0, "method": method}
+    plain = unet_render(apply_node(node, sd15, **inputs), (24, 20), steps=2)
+    reported = unet_render(apply_node(node, sd15, **inputs, report_error=True), (24, 20), steps=2)
+    difference = float((reported - plain).abs().max())
+    if method == "nearest-exact":
+        assert difference == 0.0
+    elif method == "max_pool":
+        assert difference > 10 * LINEAR_METHOD_TOLERANCE
+    else:
+        assert difference <= LINEAR_METHOD_TOLERANCE
 
 
 # --- 7. never crash ------------------------------------------------------------------------------------------------
