@@ -614,6 +614,22 @@ def test_hypertile_before_fidelity_falls_back_to_auto_with_one_warning(node, sd1
     assert any(d.measured and d.factor > 1 for d in calibration.decisions.values()), "the other depths measured"
 
 
+def test_direct_model_calls_without_a_render_warn_once(node, sd15, caplog):
+    """A model called outside a sampler has no render: each call measures afresh, and what cannot be measured
+    (HyperTile's tiled queries) is told once, not once per model call."""
+    from comfy_extras.nodes_hypertile import HyperTile
+    from comfy_support import forward
+
+    tiled = apply_node(HyperTile, sd15, tile_size=64, swap_size=2, max_depth=0, scale_depth=False)
+    patched = apply_node(node, tiled, mode="fidelity", max_error=0.3, native_resolution=128)
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        outputs = [forward(patched, (32, 32), batch=1, seed=seed) for seed in range(3)]
+    assert all(torch.isfinite(out).all() for out in outputs)
+    warnings = [w for w in todo_warnings(caplog) if "could not measure" in w]
+    assert len(warnings) == 1, todo_warnings(caplog)
+    assert not report_lines(caplog), "no render, no report"
+
+
 def test_a_layout_it_cannot_place_passes_through(node, sd15, journal, caplog):
     """An attn1 patch before ToDo that drops one key: K/V no longer fill the grid (see the compat matrix)."""
     off_grid = probed(sd15, journal).clone()

@@ -249,6 +249,8 @@ class Calibration:
     failures: int = 0
     seconds: float = 0.0
     """Time spent measuring (host clock, around each measurement): the calibration's own cost."""
+    quiet: bool = False
+    """Failures are counted, not logged: a model called outside a sampler after such a call already warned."""
 
     def decide(
         self, key: DecisionKey, measure: Callable[[], Measurement], fallback: Callable[[], Measurement]
@@ -262,7 +264,7 @@ class Calibration:
             except Exception as error:
                 self.failures += 1
                 decision = fallback()
-                if self.failures == 1:
+                if self.failures == 1 and not self.quiet:
                     logger.warning(
                         "ToDo: could not measure attention error in %s (%s: %s); such layers use auto mode's factor.",
                         key.layer,
@@ -353,6 +355,9 @@ class CalibrationStore:
     def __init__(self, label: str, mode: str, max_error: float | None) -> None:
         self.label, self.mode, self.max_error = label, mode, max_error
         self._open: list[Calibration] = []
+        self._outside: Calibration | None = None
+        """The calibration of the last model call made outside a sampler."""
+        self._outside_warned = False
 
     def open(self) -> Calibration:
         calibration = Calibration(self.label, self.mode, self.max_error)
@@ -367,7 +372,15 @@ class CalibrationStore:
             logger.info(line)
 
     def current(self) -> Calibration:
-        return self._open[-1] if self._open else Calibration(self.label, self.mode, self.max_error)
+        """The open render's calibration; outside a sampler a fresh one per model call, which warns of a layer it
+        cannot measure only until one such call has (model calls outside a sampler have no render to warn once
+        per)."""
+        if self._open:
+            return self._open[-1]
+        if self._outside is not None and self._outside.failures:
+            self._outside_warned = True
+        self._outside = Calibration(self.label, self.mode, self.max_error, quiet=self._outside_warned)
+        return self._outside
 
 
 @dataclass(frozen=True, slots=True)
