@@ -311,6 +311,8 @@ class Calibration:
     failures: int = 0
     seconds: float = 0.0
     """Time spent measuring (host clock, around each measurement): the calibration's own cost."""
+    quiet: bool = False
+    """Failures are counted, not logged: a model called outside a sampler after such a call already warned."""
 
     def decide(
         self, key: DecisionKey, measure: Callable[[], Measurement], fallback: Callable[[], Measurement]
@@ -324,7 +326,7 @@ class Calibration:
             except Exception as error:
                 self.failures += 1
                 decision = fallback()
-                if self.failures == 1:
+                if self.failures == 1 and not self.quiet:
                     logger.warning(
                         "ToDo: could not measure attention error in %s (%s: %s); such layers use auto mode's factor.",
                         key.layer,
@@ -423,6 +425,9 @@ class CalibrationStore:
     def __init__(self, label: str, mode: str, max_error: float | None) -> None:
         self.label, self.mode, self.max_error = label, mode, max_error
         self._open: list[Calibration] = []
+        self._outside: Calibration | None = None
+        """The calibration of the last model call made outside a sampler."""
+        self._outside_warned = False
 
     def open(self) -> Calibration:
         calibration = Calibration(self.label, self.mode, self.max_error)
@@ -437,7 +442,15 @@ class CalibrationStore:
             logger.info(line)
 
     def current(self) -> Calibration:
-        return self._open[-1] if self._open else Calibration(self.label, self.mode, self.max_error)
+        """The open render's calibration; outside a sampler a fresh one per model call, which warns of a layer it
+        cannot measure only until one such call has (model calls outside a sampler have no render to warn once
+        per)."""
+        if self._open:
+            return self._open[-1]
+        if self._outside is not None and self._outside.failures:
+            self._outside_warned = True
+        self._outside = Calibration(self.label, self.mode, self.max_error, quiet=self._outside_warned)
+        return self._outside
 
 
 @dataclass(frozen=True, slots=True)
@@ -467,15 +480,25 @@ class CallCalibration:
     branch: tuple
     ordinal: Iterator[int] = field(default_factory=itertools.count)
     """Numbers the measured calls of this model call in order: the layer name of models without block indices."""
+    seen: dict[tuple, int] = field(default_factory=dict)
+    """Measured calls of this model call per block type and index: Wan VACE's blocks run under the index of the
+    main block they follow, and each is a layer of its own."""
 
     def layer_key(self, options: Mapping[str, Any]) -> tuple[tuple, tuple]:
-        """(report group, layer) of a DiT call: its block type and index, or its place in the model call."""
+        """(report group, layer) of a DiT call: its block type and index, or its place in the model call.
+
+        A later call under a block index already met in this model call (another layer reporting the same index)
+        is a layer of its own: its place among them is added to the index.
+        """
         index = options.get("block_index")
         if index is None:
             index, block_type = next(self.ordinal), None
         else:
             block_type = options.get("block_type")
-        return (block_type, int(index)), (block_type, int(index))
+        group = (block_type, int(index))
+        occurrence = self.seen.get(group, 0)
+        self.seen[group] = occurrence + 1
+        return group, group if occurrence == 0 else (*group, occurrence)
 
 
 def unet_key(call: CallCalibration, options: Mapping[str, Any], height: int, width: int, depth: int) -> DecisionKey:
