@@ -12,7 +12,8 @@ with the real nodes (this pack's ToDoModelPatch through ComfyUI's custom-node
 loader, ComfyUI's TomePatchModel and HyperTile) and runs one Euler step with
 CFG 7 through ``comfy.sample.sample``, all settings side by side in one process.
 
-``--steps N`` runs an N-step render instead (seconds per step = the render's
+``--interleave`` warms up at the size measured and runs the settings in rounds
+(one render of each per repeat). ``--steps N`` runs an N-step render instead (seconds per step = the render's
 time / N): fidelity mode measures on the first step of each noise band, so its
 cost shows only over several steps. Each render's calibration (fidelity mode,
 or ``report_error``) is read where the node closes it: the seconds it spent
@@ -206,6 +207,11 @@ def main(argv=None) -> int:
     parser.add_argument("--size", required=True, help="WIDTHxHEIGHT in pixels")
     parser.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), required=True)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument(
+        "--interleave",
+        action="store_true",
+        help="one warm-up render at the size measured, then the settings in rounds (the last round writes the rows)",
+    )
     parser.add_argument("--steps", type=int, default=1, help="sampler steps per render (seconds are per step)")
     parser.add_argument(
         "--todo-native",
@@ -228,26 +234,38 @@ def main(argv=None) -> int:
     one_step(base, (16, 16), seed=0)  # warm-up: lazy initialisation off the clock
     log = CalibrationLog()
 
+    if args.interleave:
+        one_step(base, latent_hw, seed=0)  # warm-up at the size measured: its buffers too are off the clock
+    models = {setting: patched(base, setting, args.todo_native) for setting in args.settings}
+    seconds: dict[str, list[float]] = {setting: [] for setting in args.settings}
+    peaks: dict[str, list] = {setting: [] for setting in args.settings}
+    closed: dict[str, list] = {setting: [] for setting in args.settings}
+
+    def measure(setting: str, repeat: int) -> None:
+        log.take()
+        start = time.perf_counter()
+        _, peak = measure_peak(lambda: one_step(models[setting], latent_hw, seed=1 + repeat, steps=args.steps), device)
+        seconds[setting].append((time.perf_counter() - start) / args.steps)
+        peaks[setting].append(peak)
+        closed[setting] += log.take()
+
+    if args.interleave:  # every setting once per round: a load that drifts during the run spreads over all of them
+        for repeat in range(args.repeats - 1):
+            for setting in args.settings:
+                measure(setting, repeat)
     rows = []
     for setting in args.settings:
-        model = patched(base, setting, args.todo_native)
-        seconds, peaks = [], []
-        log.take()
-        for repeat in range(args.repeats):
-            start = time.perf_counter()
-            _, peak = measure_peak(
-                lambda m=model, r=repeat: one_step(m, latent_hw, seed=1 + r, steps=args.steps), device
-            )
-            seconds.append((time.perf_counter() - start) / args.steps)
-            peaks.append(peak)
+        for repeat in range(args.repeats - 1 if args.interleave else 0, args.repeats):
+            measure(setting, repeat)
         rows.append({
             "level": "model", "model": args.model, "size": args.size, "setting": setting, "backend": backend,
             "attention": args.attention, "device": device.type, "dtype": str(dtype).replace("torch.", ""),
-            "seconds": statistics.median(seconds), "runs": seconds,
-            "peak_bytes": max((p for p in peaks if p is not None), default=None),
+            "seconds": statistics.median(seconds[setting]), "runs": seconds[setting],
+            "peak_bytes": max((p for p in peaks[setting] if p is not None), default=None),
             **({"steps": args.steps} if args.steps != 1 else {}),
             **({"todo_native": args.todo_native} if args.todo_native else {}),
-            **calibration_fields(log.take()),
+            **({"interleaved": True} if args.interleave else {}),
+            **calibration_fields(closed[setting]),
         })  # fmt: skip
         args.out.write_text(json.dumps(rows, indent=2))
         print(json.dumps(rows[-1]), flush=True)

@@ -16,6 +16,7 @@ import pytest
 from todo_core.bench import __main__ as cli
 from todo_core.bench import fidelity_level as level
 from todo_core.bench import report
+from todo_core.bench.comfyui_path import PACK_ROOT
 from todo_core.calibrate import CANDIDATE_FACTORS, NOISE_BANDS
 
 
@@ -149,6 +150,7 @@ def test_model_cost_extrapolates_to_twenty_steps():
 
 
 @pytest.mark.comfyui
+@pytest.mark.slow  # a full-size UNet built and a four-step render: about a minute on two loaded cores
 def test_the_model_level_reads_the_renders_calibration(node, tmp_path):
     """Through ComfyUI: a few-step render in fidelity mode measures in every noise band and the row holds the
     seconds the render's own calibration spent, its decisions and its report line."""
@@ -167,3 +169,25 @@ def test_the_model_level_reads_the_renders_calibration(node, tmp_path):
     assert f"measuring took {seconds:.2f} s" in row["calibration_report"]
     depths = {d["depth"] for d in row["calibration_decisions"]}
     assert depths == {1, 2, 3} and all(d["factor"] in (1.0, *CANDIDATE_FACTORS) for d in row["calibration_decisions"])
+
+
+def test_a_results_file_regenerates_the_same_tables(tiny_run, tmp_path):
+    out, _, _ = tiny_run
+    again = tmp_path / "again"
+    assert cli.main(["--from-results", str(out / "fidelity" / "results.json"), "--out-dir", str(again)]) == 0
+    assert (again / "fidelity" / "results.md").read_text() == (out / "fidelity" / "results.md").read_text()
+
+
+COMMITTED = PACK_ROOT / "bench-results" / "fidelity" / "results.json"
+
+
+def test_the_readme_section_is_the_committed_results():
+    """Every figure of the README's fidelity section comes from the committed results file, as generated."""
+    data = json.loads(COMMITTED.read_text())
+    section = level.markdown(data, "bench-results/fidelity/results.png", "bench-results/results.png")
+    start, end = report.readme_markers("bench-fidelity")
+    readme = (PACK_ROOT / "README.md").read_text(encoding="utf-8")
+    assert f"{start}\n{section}\n{end}" in readme
+    assert (PACK_ROOT / "bench-results" / "fidelity" / "results.png").is_file()
+    assert data["meta"]["command"].startswith("python -m todo_core.bench --levels fidelity")
+    assert {c["max_error"] for c in data["comparisons"]} == set(data["meta"]["max_errors"])

@@ -175,7 +175,7 @@ PRESETS = {
             photos=("astronaut",),
             query_sample=128,
             repeats=1,
-            model_runs=(FidelityRun("sd15", "64x64", ("unpatched", "todo-fidelity-0.03"), steps=4),),
+            model_runs=(FidelityRun("sd15", "64x64", ("unpatched", "todo-fidelity-0.03"), steps=4, repeats=1),),
         ),
     ),
 }
@@ -331,6 +331,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="dit-model runs instead of the preset's, e.g. flux2:2048x2048:unpatched,todo-2,ceiling-2 or "
         f"wan:1664x960x3 (latent frames); models: {', '.join(dit_model.MODELS)}",
     )
+    parser.add_argument(
+        "--reuse-attention",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="fidelity level: take the attention part from an earlier fidelity results.json and run only the "
+        "ComfyUI part",
+    )
     parser.add_argument("--note", action="append", default=[], help="dit-model level: a note to add to its results")
     parser.add_argument(
         "--update-readme",
@@ -481,12 +489,15 @@ def run_fidelity_level(args: argparse.Namespace, config: fidelity_level.Fidelity
             "sampled_rows": fidelity_level.SAMPLED_ROWS, "candidates": list(fidelity_level.CANDIDATE_FACTORS),
             "headline_max_error": config.headline_max_error, "max_errors": list(config.max_errors),
             "manual_factors": list(config.manual_factors), "method": config.method.value}  # fmt: skip
-    torch.manual_seed(0)
-    with torch.no_grad():
-        layers = _with_progress(fidelity_level.layer_rows(config), _count_fidelity_layers(config),
-                                "fidelity: factors and errors")  # fmt: skip
-        timing = _with_progress(fidelity_level.timing_rows(config, layers), _count_fidelity_layers(config),
-                                "fidelity: timing")  # fmt: skip
+    if args.reuse_attention:
+        layers, timing = _earlier_attention_part(args.reuse_attention, meta)
+    else:
+        torch.manual_seed(0)
+        with torch.no_grad():
+            layers = _with_progress(fidelity_level.layer_rows(config), _count_fidelity_layers(config),
+                                    "fidelity: factors and errors")  # fmt: skip
+            timing = _with_progress(fidelity_level.timing_rows(config, layers), _count_fidelity_layers(config),
+                                    "fidelity: timing")  # fmt: skip
     summary = fidelity_level.summarise(layers, timing)
     data = {"meta": meta, "layers": layers, "timing": timing, "summary": summary,
             "comparisons": fidelity_level.comparisons(summary),
@@ -502,7 +513,7 @@ def run_fidelity_level(args: argparse.Namespace, config: fidelity_level.Fidelity
         for run in runs:
             command_line = [sys.executable, str(MODEL_RUNNER), "--comfyui", str(comfyui), "--attention",
                             run.attention, "--model", run.model, "--size", run.size, "--steps", str(run.steps),
-                            "--settings", *run.settings,
+                            "--repeats", str(run.repeats), "--interleave", "--settings", *run.settings,
                             *(("--todo-native", str(run.todo_native)) if run.todo_native else ())]  # fmt: skip
             status, written = run_child(command_line, MMAP_ENV, lambda row: progress.step(row["setting"]))
             data["model"] += written or []
@@ -516,6 +527,20 @@ def run_fidelity_level(args: argparse.Namespace, config: fidelity_level.Fidelity
     return ok
 
 
+def _earlier_attention_part(path: Path, meta: dict) -> tuple[list[dict], list[dict]]:
+    """The attention part of an earlier fidelity results file (layers and timing), its settings into ``meta`` and
+    its command, date and duration into ``meta["attention_part"]``: the ComfyUI part alone is then run."""
+    earlier = json.loads(path.read_text())
+    old = earlier["meta"]
+    settings = ("photos", "query_sample", "repeats", "sampled_rows", "candidates", "headline_max_error", "max_errors",
+                "manual_factors", "method")  # fmt: skip
+    meta.update({key: old[key] for key in settings if key in old})
+    meta["attention_part"] = old.get("attention_part") or {
+        key: old.get(key) for key in ("date", "command", "runtime_s", "load_average_start", "load_average_end")
+    }
+    return earlier["layers"], earlier["timing"]
+
+
 def _count_fidelity_layers(config: fidelity_level.FidelityConfig) -> int:
     """Layers measured (model, resolution, depth): the progress bars' units."""
     return sum(len(fidelity_level.LAYER_SHAPES[m]) * len(config.resolutions(m)) for m in config.models)
@@ -524,6 +549,7 @@ def _count_fidelity_layers(config: fidelity_level.FidelityConfig) -> int:
 def write_fidelity(out: Path, data: dict, readme: bool) -> None:
     """results.json, results.md and results.png of the fidelity level; its README section when asked."""
     out.mkdir(parents=True, exist_ok=True)
+    data["model_cost"] = fidelity_level.model_cost(data.get("model", []))
     (out / "results.json").write_text(json.dumps(data, indent=1))
     plotted = fidelity_level.plot(data, out / "results.png")
     (out / "results.md").write_text(fidelity_level.markdown(data, "results.png" if plotted else None))

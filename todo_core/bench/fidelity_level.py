@@ -86,6 +86,8 @@ class FidelityModelRun:
     todo_native: int | None = None
     """native_resolution given to the node (auto's reference), so that a small size stands for 2x native."""
     attention: str = "pytorch"
+    repeats: int = 2
+    """Renders per setting, in rounds of every setting (``--interleave``): the median is kept."""
 
 
 @dataclass(frozen=True)
@@ -437,7 +439,7 @@ def model_cost(model_rows: list[dict]) -> list[dict]:
         per_step = (render - calibration) / steps
         out.append({
             "model": row["model"], "size": row["size"], "setting": row["setting"], "steps": steps,
-            "calibration_s": calibration, "render_s": render, "share": calibration / render,
+            "calibration_s": calibration, "render_s": render, "share": calibration / render, "per_step_s": per_step,
             "share_of_20_steps": calibration / (calibration + 20 * per_step),
             "bands": row.get("calibration_bands"), "report": row.get("calibration_report"),
         })  # fmt: skip
@@ -449,6 +451,10 @@ def model_cost(model_rows: list[dict]) -> list[dict]:
 
 def _pct(value: float | None) -> str:
     return "—" if value is None else f"{100 * value:.1f} %"
+
+
+def _per_step(cost: dict | None) -> str:
+    return "—" if cost is None else f"{cost['per_step_s']:.1f}"
 
 
 def _seconds(cost: dict | None) -> str:
@@ -488,7 +494,7 @@ def headline(data: dict) -> dict:
 def _relation(value: float | None, better: str, worse: str, missing: str = "outside the fixed settings' range") -> str:
     if value is None:
         return missing
-    return f"{value:.2f}× {better if value >= 1 else worse}"
+    return f"{value:.2f}× {better}" if value >= 1 else f"{1 / value:.2f}× {worse}"
 
 
 def summary_sentences(data: dict) -> str:
@@ -507,7 +513,7 @@ def summary_sentences(data: dict) -> str:
             f"{_pct(row['share_of_attention'])} of the attention time of a "
             f"{data['render_cost'][0]['steps']}-step render."
         )
-    for cost in data.get("model_cost") or model_cost(data.get("model", [])):
+    for cost in model_cost(data.get("model", [])):
         sentences.append(
             f"Through ComfyUI ({cost['model']} at {cost['size']}, {cost['steps']} steps, {cost['setting']}): "
             f"measuring took {cost['calibration_s']:.2f} s, {_pct(cost['share'])} of that render and "
@@ -521,7 +527,12 @@ def markdown(data: dict, plot_name: str | None = None, beside: str | None = None
     meta = data["meta"]
     load = meta.get("load_average_start")
     load_note = f" · load average {load} -> {meta.get('load_average_end')}" if load is not None else ""
-    runtime = f" · {meta['runtime_s'] / 60:.0f} min in all" if "runtime_s" in meta else ""
+    runtime = f" · {meta['runtime_s'] / 60:.0f} min" if "runtime_s" in meta else ""
+    earlier = meta.get("attention_part")
+    if earlier:
+        runtime += (f" (the ComfyUI part; the attention part taken from the run of {earlier['date']}, command "
+                    f"`{earlier['command']}`, {earlier['runtime_s'] / 60:.0f} min, load average "
+                    f"{earlier.get('load_average_start')} -> {earlier.get('load_average_end')})")  # fmt: skip
     parts = [
         f"Measured {meta['date']} on {meta.get('machine', '?')} · torch {meta['torch']} · {meta['device']} · "
         f"float32 · command `{meta['command']}`{runtime}{load_note}",
@@ -600,7 +611,7 @@ def markdown(data: dict, plot_name: str | None = None, beside: str | None = None
             body.append(
                 f"| {r['model']} {r['size']} | {r['setting']} | {r.get('steps', 1)} | {r['seconds']:.1f} | "
                 f"{_times(speed / r['seconds']) if speed else '—'} | "
-                f"{_seconds(c)} | {_pct(c['share']) if c else '—'} | "
+                f"{_per_step(c)} | {_seconds(c)} | {_pct(c['share']) if c else '—'} | "
                 f"{_pct(c['share_of_20_steps']) if c else '—'} | {report} |"
             )
         first = model_rows[0]
@@ -609,12 +620,14 @@ def markdown(data: dict, plot_name: str | None = None, beside: str | None = None
         parts.append(
             f"**Model level through ComfyUI** (full-size UNet with seeded random weights, Euler, CFG 7, "
             f"`{first['backend']}` on the {first['device']}, {first['dtype']}{native}; s / step = the render's time "
-            "/ its steps; calibration s: `Calibration.seconds` of the render, read where the node closes it; "
+            f"/ its steps, median of {len(first['runs'])} render(s) per setting"
+            + (", the settings in rounds after a warm-up render at the same size" if first.get("interleaved") else "")
+            + "; calibration s: `Calibration.seconds` of the render, read where the node closes it; "
             "20-step share: those seconds against 20 steps at the measured time per step). Random weights make "
             "attention diffuse: many keys matter about equally, so keys can be dropped with little error and "
             "fidelity mode's choices here say little about a trained model's.\n\n"
-            "| model, size | setting | steps | s / step | speed-up | calibration s | share of this render | "
-            "share of 20 steps | the node's report |\n|---|---|---|---|---|---|---|---|---|\n" + "\n".join(body)
+            "| model, size | setting | steps | s / step | speed-up | s / step besides measuring | calibration s | "
+            "share of this render | share of 20 steps | the node's report |\n" + "|---" * 10 + "|\n" + "\n".join(body)
         )
     return "\n\n".join(parts) + "\n"
 
