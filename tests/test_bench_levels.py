@@ -28,7 +28,11 @@ def test_levels_take_commas_spaces_all_and_the_former_name():
     assert cli.parse_levels(["attention, dit-model"]) == ("attention", "dit-model")
     assert cli.parse_levels(["dit-model,attention"]) == ("attention", "dit-model"), "run in the order of LEVELS"
     assert cli.parse_levels(["model"]) == ("comfyui",), "the comfyui level's former name"
-    assert cli.parse_levels(["all"]) == cli.LEVELS == ("attention", "dit-attention", "routes", "comfyui", "dit-model")
+    assert (
+        cli.parse_levels(["all"])
+        == cli.LEVELS
+        == ("attention", "dit-attention", "routes", "comfyui", "dit-model", "fidelity")
+    )
     for wrong in (["dit"], [","], ["attention,unet"]):
         with pytest.raises(ValueError, match="choose from"):
             cli.parse_levels(wrong)

@@ -14,6 +14,10 @@ Levels (``--levels``, comma- or space-separated; default ``attention,comfyui``):
 - ``comfyui`` (formerly ``model``): one sampler step through ComfyUI on full-size SD1.5/SDXL UNets.
 - ``dit-model``: one sampler step through ComfyUI on full-width, few-block DiTs (Flux, SD3, Z-Image, Flux.2,
   Wan), unpatched, with ToDo, and at ToDo's zero-cost ceiling.
+- ``fidelity``: fidelity mode against auto and manual factors on the SD1.5 and SDXL layers at twice their native
+  resolution (photo tokens): speed and error of each model's layers, the comparisons at equal error and at equal
+  speed, the calibration's cost in a 20-step render; then a few-step render per setting through ComfyUI, reading
+  the calibration's own seconds (``fidelity/`` in the results folder).
 
 Writes to a new folder, bench-results/runs/<date-time>/ (git-ignored): results.json, results.md and results.png
 of the UNet levels, and dit-attention/ and dit-model/ beside them for the DiT levels; prints the tables. The
@@ -39,7 +43,7 @@ from pathlib import Path
 import torch
 
 from ..downsample import DownsampleMethod
-from . import dit_attention, dit_model, routes_level
+from . import dit_attention, dit_model, fidelity_level, routes_level
 from .attention_level import AttentionConfig, count_fidelity_steps, count_timing_steps, fidelity_rows, timing_rows
 from .children import run_child
 from .comfyui_path import ENABLE_HINT, PACK_ROOT, find_comfyui
@@ -66,16 +70,30 @@ class ModelRun:
     settings: tuple[str, ...]
 
 
-LEVELS = ("attention", "dit-attention", "routes", "comfyui", "dit-model")
+LEVELS = ("attention", "dit-attention", "routes", "comfyui", "dit-model", "fidelity")
 """Every level, in the order a run measures them: the torch-only levels first, then those through ComfyUI."""
 DEFAULT_LEVELS = ("attention", "comfyui")
 LEVEL_NAMES = {"model": "comfyui"}
 """Former names ``--levels`` still accepts (``all`` names every level)."""
-README_SECTIONS = {"dit-attention": "bench-dit", "routes": "bench-routes", "dit-model": "bench-dit-model"}
+README_SECTIONS = {
+    "dit-attention": "bench-dit",
+    "routes": "bench-routes",
+    "dit-model": "bench-dit-model",
+    "fidelity": "bench-fidelity",
+}
 """The README section each DiT level writes with --update-readme (the UNet levels: --readme-section)."""
 
 
 ROUTES_DEFAULT = routes_level.RoutesConfig()
+FidelityRun = fidelity_level.FidelityModelRun
+FIDELITY_SETTINGS = ("unpatched", "todo-auto", "todo-4-2", "todo-fidelity-0.03", "todo-fidelity-0.08")
+"""The model level's settings: auto (at twice the node's native resolution), manual (depths 1-2), fidelity."""
+FIDELITY_QUICK = fidelity_level.FidelityConfig(
+    model_runs=(FidelityRun("sd15", "256x256", FIDELITY_SETTINGS, steps=4, todo_native=128),)
+)
+FIDELITY_FULL = fidelity_level.FidelityConfig(
+    scales=(2.0, 3.0), model_runs=(FidelityRun("sd15", "512x512", FIDELITY_SETTINGS, steps=6, todo_native=256),)
+)
 
 
 @dataclass(frozen=True)
@@ -87,6 +105,7 @@ class Preset:
     dit_attention: DiTAttentionConfig
     dit_model: tuple[DiTRun, ...]
     routes: routes_level.RoutesConfig = ROUTES_DEFAULT
+    fidelity: fidelity_level.FidelityConfig = FIDELITY_QUICK
 
 
 PRESETS = {
@@ -119,6 +138,7 @@ PRESETS = {
         ),
         DiTAttentionConfig(),
         dit_model.RUNS["full"],
+        fidelity=FIDELITY_FULL,
     ),
     "tiny": Preset(  # for tests: seconds, not minutes
         AttentionConfig(
@@ -147,6 +167,16 @@ PRESETS = {
         ),
         dit_model.RUNS["tiny"],
         routes_level.RoutesConfig(grids=((11, 13),), factors=(2,), repeats=1),
+        fidelity_level.FidelityConfig(
+            models=("sd15",),
+            scales=(0.5,),
+            manual_factors=(2.0, 4.0),
+            max_errors=(0.03, 0.3),
+            photos=("astronaut",),
+            query_sample=128,
+            repeats=1,
+            model_runs=(FidelityRun("sd15", "64x64", ("unpatched", "todo-fidelity-0.03"), steps=4, repeats=1),),
+        ),
     ),
 }
 
@@ -301,6 +331,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="dit-model runs instead of the preset's, e.g. flux2:2048x2048:unpatched,todo-2,ceiling-2 or "
         f"wan:1664x960x3 (latent frames); models: {', '.join(dit_model.MODELS)}",
     )
+    parser.add_argument(
+        "--reuse-attention",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="fidelity level: take the attention part from an earlier fidelity results.json and run only the "
+        "ComfyUI part",
+    )
     parser.add_argument("--note", action="append", default=[], help="dit-model level: a note to add to its results")
     parser.add_argument(
         "--update-readme",
@@ -355,6 +393,8 @@ def main(argv: list[str] | None = None) -> int:
         run_routes_level(args, preset.routes, command)
     if "dit-model" in args.levels:
         ok = run_dit_model_level(args, args.dit_runs or preset.dit_model, command)
+    if "fidelity" in args.levels:
+        ok = run_fidelity_level(args, preset.fidelity, command) and ok
     return 0 if ok else 1
 
 
@@ -440,6 +480,91 @@ def write_routes(out: Path, meta: dict, results: list[dict], readme: bool) -> No
         _update_readme(section, README_SECTIONS["routes"])
 
 
+def run_fidelity_level(args: argparse.Namespace, config: fidelity_level.FidelityConfig, command: str) -> bool:
+    """Fidelity mode against auto and manual (torch, CPU, float32), then through ComfyUI: fidelity/ in the results
+    folder. False when a model-level run failed (what the attention level measured is kept)."""
+    started = time.perf_counter()
+    meta = {**base_meta(command), "device": f"cpu ({torch.get_num_threads()} threads)", "preset": args.preset,
+            "photos": len(config.photos), "query_sample": config.query_sample, "repeats": config.repeats,
+            "sampled_rows": fidelity_level.SAMPLED_ROWS, "candidates": list(fidelity_level.CANDIDATE_FACTORS),
+            "headline_max_error": config.headline_max_error, "max_errors": list(config.max_errors),
+            "manual_factors": list(config.manual_factors), "method": config.method.value}  # fmt: skip
+    if args.reuse_attention:
+        layers, timing = _earlier_attention_part(args.reuse_attention, meta)
+    else:
+        torch.manual_seed(0)
+        with torch.no_grad():
+            layers = _with_progress(fidelity_level.layer_rows(config), _count_fidelity_layers(config),
+                                    "fidelity: factors and errors")  # fmt: skip
+            timing = _with_progress(fidelity_level.timing_rows(config, layers), _count_fidelity_layers(config),
+                                    "fidelity: timing")  # fmt: skip
+    summary = fidelity_level.summarise(layers, timing)
+    data = {"meta": meta, "layers": layers, "timing": timing, "summary": summary,
+            "comparisons": fidelity_level.comparisons(summary),
+            "render_cost": fidelity_level.render_cost(config, layers, timing), "model": []}  # fmt: skip
+    ok = True
+    comfyui = args.comfyui or find_comfyui()
+    runs = config.model_runs
+    if runs and comfyui is None:
+        print(f"fidelity level: the ComfyUI part skipped: ComfyUI not found ({ENABLE_HINT})", file=sys.stderr)
+    elif runs:
+        meta["comfyui"] = str(comfyui)
+        progress = Progress(sum(len(r.settings) for r in runs), "fidelity: model level")
+        for run in runs:
+            command_line = [sys.executable, str(MODEL_RUNNER), "--comfyui", str(comfyui), "--attention",
+                            run.attention, "--model", run.model, "--size", run.size, "--steps", str(run.steps),
+                            "--repeats", str(run.repeats), "--interleave", "--settings", *run.settings,
+                            *(("--todo-native", str(run.todo_native)) if run.todo_native else ())]  # fmt: skip
+            status, written = run_child(command_line, MMAP_ENV, lambda row: progress.step(row["setting"]))
+            data["model"] += written or []
+            if status != 0:
+                print(f"fidelity level: the model-level run {run} failed (exit {status})", file=sys.stderr)
+                ok = False
+        progress.close()
+    data["model_cost"] = fidelity_level.model_cost(data["model"])
+    _finish(meta, started)
+    write_fidelity(args.out_dir / "fidelity", data, args.update_readme)
+    return ok
+
+
+def _earlier_attention_part(path: Path, meta: dict) -> tuple[list[dict], list[dict]]:
+    """The attention part of an earlier fidelity results file (layers and timing), its settings into ``meta`` and
+    its command, date and duration into ``meta["attention_part"]``: the ComfyUI part alone is then run."""
+    earlier = json.loads(path.read_text())
+    old = earlier["meta"]
+    settings = ("photos", "query_sample", "repeats", "sampled_rows", "candidates", "headline_max_error", "max_errors",
+                "manual_factors", "method")  # fmt: skip
+    meta.update({key: old[key] for key in settings if key in old})
+    meta["attention_part"] = old.get("attention_part") or {
+        key: old.get(key) for key in ("date", "command", "runtime_s", "load_average_start", "load_average_end")
+    }
+    return earlier["layers"], earlier["timing"]
+
+
+def _count_fidelity_layers(config: fidelity_level.FidelityConfig) -> int:
+    """Layers measured (model, resolution, depth): the progress bars' units."""
+    return sum(len(fidelity_level.LAYER_SHAPES[m]) * len(config.resolutions(m)) for m in config.models)
+
+
+def write_fidelity(out: Path, data: dict, readme: bool) -> None:
+    """results.json, results.md and results.png of the fidelity level; its README section when asked."""
+    out.mkdir(parents=True, exist_ok=True)
+    data["model_cost"] = fidelity_level.model_cost(data.get("model", []))
+    (out / "results.json").write_text(json.dumps(data, indent=1))
+    plotted = fidelity_level.plot(data, out / "results.png")
+    (out / "results.md").write_text(fidelity_level.markdown(data, "results.png" if plotted else None))
+    print((out / "results.md").read_text())
+    if readme:
+        relative = out.resolve().relative_to(PACK_ROOT) if out.resolve().is_relative_to(PACK_ROOT) else out
+        beside = relative.parent / "results.png"
+        section = fidelity_level.markdown(
+            data,
+            f"{relative.as_posix()}/results.png" if plotted else None,
+            beside.as_posix() if (PACK_ROOT / beside).is_file() else None,
+        )
+        _update_readme(section, README_SECTIONS["fidelity"])
+
+
 def _dit_grid(row: dict) -> str:
     return f"{row['layout']} {row['grid']}"
 
@@ -494,7 +619,9 @@ def run_dit_model_level(args: argparse.Namespace, runs: tuple[DiTRun, ...], comm
 def from_results(args: argparse.Namespace) -> int:
     """Tables, plot and README section of the level an earlier results.json holds; nothing is run."""
     data = json.loads(args.from_results.read_text())
-    if "routes" in data:
+    if "render_cost" in data:
+        write_fidelity(args.out_dir / "fidelity", data, args.update_readme)
+    elif "routes" in data:
         write_routes(args.out_dir / "routes", data["meta"], data["routes"], args.update_readme)
     elif "fidelity" in data:  # dit-attention
         write_dit_attention(args.out_dir / "dit-attention", data["meta"], data["fidelity"], data["timing"],
