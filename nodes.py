@@ -64,6 +64,8 @@ LATENT_ARG, SIGMA_ARG, CROSSATTN_ARG = 0, 1, 3
 """Positions of the latent, its sigmas and the text context in the apply-model wrapper call."""
 OVERRIDE_KEY = "optimized_attention_override"
 TODO_OVERRIDES = (ToDoAttentionOverride, ToDoUNetAttention)
+COMPILE_WRAPPER_KEY = "torch.compile"
+"""Key of the apply-model wrapper ComfyUI's ``TorchCompileModel`` (``set_torch_compile_wrapper``) adds."""
 POST_INPUT = "post_input"
 """Flux's patches after its input embeddings: they may add text tokens (USOStyleReference's style tokens)."""
 LATENT_SHAPES_ARG = "latent_shapes"
@@ -506,14 +508,17 @@ class ToDoModelCall:
         latent = self.latent_info(args, kwargs) if self.family is not None else None
 
         recorded = {LATENT_INFO_KEY: latent} if latent is not None else {}
+        compiled = self.store is not None and is_compiled(_transformer_options(args, kwargs))
         if not in_window:
             recorded[IN_WINDOW_KEY] = False
-        elif self.store is not None:
+        elif self.store is not None and not compiled:
             recorded[CALIBRATION_KEY] = self.call_calibration(executor.class_obj.model_sampling, args, kwargs)
 
         def prepare(options: dict) -> dict:
             prepared = options if self.family is not None else prepare_unet_options(options)
-            if self.override is not None:
+            if compiled and self.family is None:
+                prepared = self.without_unet_override(prepared)
+            elif self.override is not None:
                 prepared = self.keep_override(prepared)
             prepared = {**prepared, **recorded} if recorded else prepared
             return count_text_added_by_input_patches(prepared) if latent is not None else prepared
@@ -562,6 +567,27 @@ class ToDoModelCall:
             self._window = (weakref.ref(render), weakref.ref(model_sampling), window)
         return window
 
+    def without_unet_override(self, options: dict) -> dict:
+        """``options`` without ToDo's UNet override, for a compiled model (its attn1 patch then acts alone).
+
+        A compiled graph cannot stop to measure, and a UNet graph traced with
+        an override would be reused, guards dropped, by a later compiled render
+        without one. One note per render says that auto's factors are used.
+        """
+        warn_once(
+            "compiled-fidelity",
+            f"ToDo: the model is compiled (TorchCompileModel); {self.store.mode} mode cannot measure inside a "
+            "compiled graph, and ToDo uses auto mode's factors (manual's with report_error) there.",
+            options.get("sample_sigmas"),
+            logging.INFO,
+        )
+        current = options.get(OVERRIDE_KEY)
+        if not isinstance(current, ToDoUNetAttention):
+            return options
+        if current.inner is not None:
+            return {**options, OVERRIDE_KEY: current.inner}
+        return {key: value for key, value in options.items() if key != OVERRIDE_KEY}
+
     def keep_override(self, options: dict) -> dict:
         """``options`` with ToDo's override around whatever override a later node wrote over it."""
         current = options.get(OVERRIDE_KEY)
@@ -604,6 +630,12 @@ class ToDoRender:
             return executor(*args, **kwargs)
         finally:
             self.store.close(calibration)
+
+
+def is_compiled(options: dict) -> bool:
+    """Whether ComfyUI's ``TorchCompileModel`` compiled the model of this call (its wrapper is among the call's)."""
+    wrappers = (options.get("wrappers") or {}).get(WrappersMP.APPLY_MODEL) or {}
+    return COMPILE_WRAPPER_KEY in wrappers
 
 
 def count_text_added_by_input_patches(options: dict) -> dict:

@@ -7,7 +7,6 @@ depth. The patch then only looks values up.
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from enum import Enum
@@ -15,6 +14,7 @@ from enum import Enum
 from .choices import ConfigError, parse_choice
 from .downsample import DownsampleMethod, output_side, output_tokens
 from .grid import TokenGrid, ceil_side
+from .memo import memoised
 
 CONFIGURABLE_DEPTHS = 3
 """Depths 1-3 carry almost all self-attention cost; deeper levels are never reduced."""
@@ -61,7 +61,7 @@ def native_resolution_for(context_dim: int | None, adm_in_channels: int | None, 
     return 512
 
 
-@functools.lru_cache(maxsize=4096)
+@memoised(maxsize=4096)
 def factor_within_budget(height: int, width: int, budget_tokens: int) -> float:
     """Smallest factor (>= 1) that leaves at most ``budget_tokens`` of an ``height x width`` grid.
 

@@ -25,6 +25,7 @@ import torch
 from .calibrate import (
     SAMPLED_ROWS,
     SampledQueries,
+    Selection,
     calibrated_factor,
     call_calibration,
     sample_rows,
@@ -39,6 +40,18 @@ from .grid import TokenGrid
 from .patch import ToDoAttn1Patch
 
 AttentionOverride = Callable[..., torch.Tensor]
+
+
+def unet_selection(method: DownsampleMethod, grid: TokenGrid, device: torch.device) -> Selection | None:
+    """Nearest sampling keeps a subset of the grid's tokens: their positions, for the one-pass measurement."""
+    if method is not DownsampleMethod.NEAREST:
+        return None  # pooling and interpolation make new tokens: measured on the reduced keys themselves
+    layout = SequenceLayout(0, 1, grid.height, grid.width, 0)
+
+    def selection(factor: float) -> tuple[torch.Tensor, None]:
+        return select_keys(layout, factor, device).indices, None
+
+    return selection
 
 
 class ToDoUNetAttention:
@@ -77,7 +90,7 @@ class ToDoUNetAttention:
         if kwargs.get("skip_reshape") or kwargs.get("mask") is not None or len(args) > 4:
             return self._call(attention, *args, **kwargs)  # not a UNet attn1 call: those pass no mask
         q, k, v, heads = args[:4]
-        if q.shape[1] != k.shape[1]:
+        if k.shape[0] * k.shape[1] < q.shape[0] * q.shape[1]:
             return self._call(attention, *args, **kwargs)  # the attn1 patch reduced it already (a decided layer)
         plan = self.patch.plan(q, k, v, options)
         if plan is None:
@@ -97,13 +110,6 @@ class ToDoUNetAttention:
             _, k_small, v_small = self.patch.reduce(q, k, v, grid, candidate, options)
             return k_small, v_small, None
 
-        selection = None
-        if self.config.method is DownsampleMethod.NEAREST:  # the same tokens as the patch keeps, as positions
-            layout = SequenceLayout(0, 1, grid.height, grid.width, 0)
-
-            def selection(candidate: float) -> tuple[torch.Tensor, None]:
-                return select_keys(layout, candidate, k.device).indices, None
-
         return calibrated_factor(
             call,
             key,
@@ -117,5 +123,5 @@ class ToDoUNetAttention:
             reduce,
             lambda candidate: output_tokens(grid.height, grid.width, candidate, candidate),
             grid.tokens,
-            selection,
+            unet_selection(self.config.method, grid, k.device),
         )

@@ -64,6 +64,7 @@ from ..config import ToDoConfig
 from ..downsample import DownsampleMethod, downsample_tokens, output_tokens
 from ..grid import TokenGrid
 from ..patch import ToDoAttn1Patch
+from ..unet_override import unet_selection
 from .attention_level import LAYER_SHAPES, LayerShape, comfy_attention, grid_for, todo_patch
 from .comfyui_path import PACK_ROOT
 from .peers import IDENTITY
@@ -167,7 +168,7 @@ def calibrate(inputs: LayerInputs, max_error: float, method: DownsampleMethod) -
     rows = sample_rows(grid.tokens, SAMPLED_ROWS, stable_seed(layer_id, grid.height, grid.width))
     queries = SampledQueries.of(inputs.q, inputs.shape.heads, False, rows)
     decision = choose_factor(queries, inputs.k, inputs.v, None, inputs.reduce(patch), CANDIDATE_FACTORS, max_error,
-                             inputs.kept, grid.tokens)  # fmt: skip
+                             inputs.kept, grid.tokens, unet_selection(method, grid, inputs.k.device))  # fmt: skip
     return decision.factor, decision.error, time.perf_counter() - started
 
 
