@@ -479,3 +479,18 @@ def test_unet_nearest_positions_are_the_tokens_the_patch_keeps():
     for factor in CANDIDATE_FACTORS:
         positions = select_keys(SequenceLayout(0, 1, 35, 47, 0), factor, tokens.device).indices
         assert torch.equal(downsample_tokens(tokens, 35, 47, factor).view(-1).long(), positions)
+
+
+def test_a_unet_layer_kept_whole_is_counted_once_per_call():
+    """Decided on factor 1, a layer's calls pass the attn1 patch (which counts them) and reach the override whole."""
+    height, width = 24, 32
+    q, k, v = local_layer(height, width, 0.3)
+    patch = ToDoAttn1Patch(ToDoConfig.create(mode="fidelity", max_error=0.03))
+    override = ToDoUNetAttention(patch)
+    calibration = Calibration("SD15 UNet", "fidelity", 0.03)
+    options = unet_options(height, width, calibration)
+    for _ in range(3):
+        q_in, k_in, v_in = patch(q, k, v, options)
+        override(sdpa_attention, q_in, k_in, v_in, 2, transformer_options=options)
+    ((key_, decision),) = calibration.decisions.items()
+    assert decision.factor == 1.0 and calibration.calls[key_] == 3

@@ -338,6 +338,11 @@ class Calibration:
         self.calls[key] = self.calls.get(key, 0) + 1
         return decision.factor
 
+    def peek(self, key: DecisionKey) -> float | None:
+        """The factor decided for ``key``, not counted (a call another hook of the same layer counted already)."""
+        decision = self.decisions.get(key)
+        return None if decision is None else decision.factor
+
     def lookup(self, key: DecisionKey) -> float | None:
         """The factor decided for ``key``, counted as one more call; ``None`` while it is not decided yet."""
         decision = self.decisions.get(key)

@@ -104,6 +104,9 @@ class ToDoUNetAttention:
 
     def _calibrated(self, call, q, k, v, heads, grid: TokenGrid, factor: float, options) -> float:
         key = unet_key(call, options, grid.height, grid.width, grid.depth)
+        decided = call.calibration.peek(key)
+        if decided is not None:
+            return decided  # a layer decided on factor 1: the attn1 patch looked it up and counted this call
         rows = functools.partial(sample_rows, q.shape[1], SAMPLED_ROWS, stable_seed(key.layer, grid.height, grid.width))
 
         def reduce(candidate: float) -> tuple[torch.Tensor, torch.Tensor, None]:
