@@ -191,3 +191,26 @@ def test_the_readme_section_is_the_committed_results():
     assert (PACK_ROOT / "bench-results" / "fidelity" / "results.png").is_file()
     assert data["meta"]["command"].startswith("python -m todo_core.bench --levels fidelity")
     assert {c["max_error"] for c in data["comparisons"]} == set(data["meta"]["max_errors"])
+
+
+def test_the_readme_prose_quotes_the_committed_fidelity_results():
+    """The example report line and the figures of the README's fidelity-mode section, from results.json."""
+    import json
+    import re
+    from pathlib import Path
+
+    from todo_core.bench.fidelity_level import headline
+
+    root = Path(__file__).resolve().parents[1]
+    readme = re.sub(r"\s+", " ", (root / "README.md").read_text(encoding="utf-8"))
+    data = json.loads((root / "bench-results" / "fidelity" / "results.json").read_text(encoding="utf-8"))
+    report = next(row["calibration_report"] for row in data["model"] if row["setting"] == "todo-fidelity-0.03")
+    assert f"`{report}`" in readme
+    row = next(r for r in headline(data)["rows"] if (r["model"], r["resolution"]) == ("sd15", 1024))
+    sentence = (
+        f"`max_error` 0.03 kept a mean attention error of {100 * row['error_mean']:.1f} % at {row['speedup']:.2f}× "
+        f"the speed of exact attention, {row['equal_error_speedup']:.2f}× faster than fixed factors at the same "
+        f"error; auto mode was {1 / row['vs_auto_speed']:.2f}× faster still, with {row['vs_auto_error']:.2f}× the "
+        f"error. Measuring cost {100 * row['share_of_attention']:.1f} % of the attention time of a 20-step render."
+    )
+    assert sentence in readme, sentence
