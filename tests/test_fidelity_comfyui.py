@@ -39,20 +39,8 @@ UNET_SIZE = (16, 16)
 """Latent cells of the UNet renders: 16 x 16, 8 x 8 and 4 x 4 attention grids."""
 FRAMES = 3
 
-IMAGE_FAMILIES = [
-    "flux2",
-    "chroma",
-    "chroma_radiance",
-    "lumina2",
-    "zimage",
-    "hidream",
-    "hunyuan_image21",
-    "hunyuan_image21_refiner",
-    "auraflow",
-    "omnigen2",
-    "kandinsky5_image",
-    "cosmos_predict2",
-]
+STEPPING_ASIDE = {"pixart", "hunyuan_dit", "stable_cascade_c"}
+IMAGE_FAMILIES = sorted(set(tiny_image_dits.TINY_IMAGE_DITS) - STEPPING_ASIDE)
 """The tiny image DiTs ToDo acts on (PixArt, HunyuanDiT and Stable Cascade step aside)."""
 VIDEO_FAMILIES = sorted(tiny_video_dits.TINY_VIDEO_DITS)
 BEYOND_LOOSE = {

@@ -118,8 +118,11 @@ class SampledQueries:
         q_heads = split_heads(q, heads, heads_split)
         return cls(q_heads.index_select(2, rows.to(q.device)).float(), rows, heads, heads_split)
 
-    def attend(self, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """Softmax attention of the sampled rows over ``k``/``v`` (caller's layout), in float32, heads in chunks."""
+    def score_chunks(
+        self, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Per chunk of heads: the float32 scores of the sampled rows over ``k`` (the caller's mask added) and the
+        values; chunks keep at most ``MAX_SCORE_ELEMENTS`` scores at once."""
         k_heads, v_heads = split_heads(k, self.heads, self.heads_split), split_heads(v, self.heads, self.heads_split)
         if k_heads.shape[0] != self.q.shape[0]:
             raise ValueError("queries and keys have different batch sizes (tiled queries)")
@@ -127,14 +130,16 @@ class SampledQueries:
         scale = self.q.shape[-1] ** -0.5
         batch, heads, rows, _ = self.q.shape
         chunk = max(1, MAX_SCORE_ELEMENTS // max(1, batch * rows * k_heads.shape[2]))
-        outputs = []
         for first in range(0, heads, chunk):
             last = min(heads, first + chunk)
             scores = self.q[:, first:last] @ k_heads[:, first:last].float().transpose(-1, -2) * scale
             if bias is not None:
                 scores = scores + (bias if bias.shape[1] == 1 else bias[:, first:last])
-            outputs.append(scores.softmax(dim=-1) @ v_heads[:, first:last].float())
-        return torch.cat(outputs, dim=1)
+            yield scores, v_heads[:, first:last].float()
+
+    def attend(self, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Softmax attention of the sampled rows over ``k``/``v`` (caller's layout), in float32."""
+        return torch.cat([scores.softmax(dim=-1) @ values for scores, values in self.score_chunks(k, v, mask)], dim=1)
 
     def selection_errors(
         self,
@@ -149,21 +154,9 @@ class SampledQueries:
         fraction of the cost: the kept keys' scores are columns of the exact
         scores, so no candidate copies or multiplies the full keys again.
         """
-        k_heads, v_heads = split_heads(k, self.heads, self.heads_split), split_heads(v, self.heads, self.heads_split)
-        if k_heads.shape[0] != self.q.shape[0]:
-            raise ValueError("queries and keys have different batch sizes (tiled queries)")
-        bias = mask_bias(mask, self.rows)
-        scale = self.q.shape[-1] ** -0.5
-        batch, heads, rows, _ = self.q.shape
-        chunk = max(1, MAX_SCORE_ELEMENTS // max(1, batch * rows * k_heads.shape[2]))
         squared = torch.zeros(len(selections), dtype=torch.float64, device=self.q.device)
         norm = torch.zeros((), dtype=torch.float64, device=self.q.device)
-        for first in range(0, heads, chunk):
-            last = min(heads, first + chunk)
-            values = v_heads[:, first:last].float()
-            scores = self.q[:, first:last] @ k_heads[:, first:last].float().transpose(-1, -2) * scale
-            if bias is not None:
-                scores = scores + (bias if bias.shape[1] == 1 else bias[:, first:last])
+        for scores, values in self.score_chunks(k, v, mask):
             exact = scores.softmax(dim=-1) @ values
             norm += exact.double().square().sum()
             for index, (kept, log_group) in enumerate(selections):
