@@ -115,7 +115,7 @@ def test_dropped_workflow_loads_shows_todo_and_runs_from_the_page(server, page, 
     widgets = dict(state["todoWidgets"])
     assert list(widgets) == ["mode", "depth_1_factor", "depth_2_factor", "depth_3_factor", "method",
                              "start_percent", "end_percent", "native_resolution", "dit_blocks",
-                             "temporal_factor"]  # fmt: skip
+                             "temporal_factor", "max_error", "report_error"]  # fmt: skip
     ARTIFACTS.mkdir(exist_ok=True)
     page.evaluate(FOCUS_TODO)
     page.wait_for_timeout(500)

@@ -40,7 +40,7 @@ def test_node_is_in_object_info_with_its_inputs(server):
         "model", "mode", "depth_1_factor", "depth_2_factor", "depth_3_factor",
         "method", "start_percent", "end_percent", "native_resolution",
     ]  # fmt: skip
-    assert list(info["input"]["optional"]) == ["dit_blocks", "temporal_factor"]
+    assert list(info["input"]["optional"]) == ["dit_blocks", "temporal_factor", "max_error", "report_error"]
     assert info["python_module"].endswith(PACK_FOLDER)
 
 

@@ -7,6 +7,7 @@ depth. The patch then only looks values up.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from enum import Enum
@@ -14,7 +15,6 @@ from enum import Enum
 from .choices import ConfigError, parse_choice
 from .downsample import DownsampleMethod, output_side, output_tokens
 from .grid import TokenGrid, ceil_side
-from .memo import memoised
 
 CONFIGURABLE_DEPTHS = 3
 """Depths 1-3 carry almost all self-attention cost; deeper levels are never reduced."""
@@ -39,7 +39,7 @@ class FactorMode(str, Enum):
     MANUAL = "manual"
     """Fixed factor per depth, whatever the image size."""
     FIDELITY = "fidelity"
-    """Per layer, grid and noise band: the largest factor whose measured attention error is within ``max_error``."""
+    """Per layer, grid and noise band: the factor keeping the fewest keys with a measured error within ``max_error``."""
 
     @classmethod
     def parse(cls, name: str | FactorMode) -> FactorMode:
@@ -61,7 +61,7 @@ def native_resolution_for(context_dim: int | None, adm_in_channels: int | None, 
     return 512
 
 
-@memoised(maxsize=4096)
+@functools.lru_cache(maxsize=4096)
 def factor_within_budget(height: int, width: int, budget_tokens: int) -> float:
     """Smallest factor (>= 1) that leaves at most ``budget_tokens`` of an ``height x width`` grid.
 
