@@ -228,6 +228,9 @@ def reset_dynamo() -> None:
 
     torch._dynamo.reset()
     counters.clear()
+    clear_metrics = getattr(torch._dynamo.utils, "clear_compilation_metrics", None)
+    if clear_metrics is not None:  # compilations of the same forward by earlier tests in this process
+        clear_metrics()
 
 
 def graph_breaks() -> dict[str, int]:
